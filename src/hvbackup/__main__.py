@@ -1,0 +1,3 @@
+from hvbackup.cli import main
+
+main()

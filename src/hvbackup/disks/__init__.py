@@ -1,0 +1,73 @@
+"""Virtual disk files behind one block device interface: VHDX ([MS-VHDX]), legacy VHD and raw.
+
+``create`` makes a new disk and returns it open for writing; ``open`` recognises the format by
+content and opens differencing parents itself. ``convert``, ``merge`` and ``compare`` work on any
+mix of formats.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hvbackup.disks.device import BlockDevice, Extent, ExtentState
+from hvbackup.disks.probe import detect_format
+from hvbackup.disks.raw import RawDisk, create_raw
+from hvbackup.disks.vhd import VhdDisk, create_vhd
+from hvbackup.disks.vhdx.create import create_vhdx
+from hvbackup.disks.vhdx.disk import VhdxDisk
+from hvbackup.errors import DiskError
+
+FORMATS = ("vhdx", "vhd", "raw")
+TYPES = ("fixed", "dynamic", "differencing")
+_OPENERS = {"vhdx": VhdxDisk.open, "vhd": VhdDisk.open, "raw": RawDisk.open}
+
+
+def create(
+    path: str | os.PathLike,
+    size: int | None = None,
+    *,
+    format: str = "vhdx",
+    type: str = "dynamic",
+    parent: str | os.PathLike | None = None,
+    block_size: int | None = None,
+    logical_sector_size: int = 512,
+    physical_sector_size: int = 4096,
+) -> BlockDevice:
+    """Create a disk file and return it open read-write. A differencing disk takes its size from
+    ``parent``; ``size`` may then be omitted."""
+    path = os.fspath(path)
+    parent = os.fspath(parent) if parent is not None else None
+    if type not in TYPES:
+        raise DiskError(f"unknown disk type {type!r} (one of {', '.join(TYPES)})")
+    if format == "vhdx":
+        create_vhdx(path, size, disk_type=type, block_size=block_size, logical_sector_size=logical_sector_size,
+                    physical_sector_size=physical_sector_size, parent_path=parent)
+    elif format == "vhd":
+        if logical_sector_size != 512:
+            raise DiskError("VHD disks have 512-byte sectors only")
+        create_vhd(path, size, disk_type=type, block_size=block_size, parent_path=parent)
+    elif format == "raw":
+        if type == "differencing" or size is None:
+            raise DiskError("a raw image has a size and no parent")
+        create_raw(path, size)
+    else:
+        raise DiskError(f"unknown disk format {format!r} (one of {', '.join(FORMATS)})")
+    return open(path)
+
+
+def open(path: str | os.PathLike, *, read_only: bool = False) -> BlockDevice:
+    """Open a disk file of any supported format, with its parents if it is differencing."""
+    path = os.fspath(path)
+    return _OPENERS[detect_format(path)](path, read_only=read_only)
+
+
+# The operations on whole disks; imported last because they use create() and open().
+from hvbackup.disks.check import CheckReport, check  # noqa: E402
+from hvbackup.disks.compare import Comparison, compare  # noqa: E402
+from hvbackup.disks.convert import convert  # noqa: E402
+from hvbackup.disks.merge import merge  # noqa: E402
+
+__all__ = [
+    "BlockDevice", "CheckReport", "Comparison", "Extent", "ExtentState", "FORMATS", "TYPES",
+    "check", "compare", "convert", "create", "detect_format", "merge", "open",
+]

@@ -1,0 +1,58 @@
+"""Converting a disk between raw, VHD and VHDX; a differencing chain is flattened into one file.
+
+Only the extents that hold data are read; pieces of zeros are not written, so a dynamic result
+stays sparse. The result is built under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hvbackup import disks
+from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
+from hvbackup.disks.fileio import sync_directory
+from hvbackup.errors import DiskError
+
+_SUFFIX_FORMATS = {".vhdx": "vhdx", ".avhdx": "vhdx", ".vhd": "vhd", ".avhd": "vhd"}
+
+
+def format_for(path: str) -> str:
+    """The format a file name suggests: .vhdx/.avhdx, .vhd/.avhd, else raw."""
+    return _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower(), "raw")
+
+
+def convert(
+    src_path: str,
+    dst_path: str,
+    *,
+    format: str | None = None,
+    type: str = "dynamic",
+    block_size: int | None = None,
+    progress: Progress | None = None,
+) -> None:
+    format = format or format_for(dst_path)
+    if type == "differencing":
+        raise DiskError("convert writes a whole disk; it cannot make a differencing disk")
+    if os.path.lexists(dst_path):
+        raise DiskError(f"{dst_path}: already exists")
+    directory, name = os.path.split(os.path.abspath(dst_path))
+    temp = os.path.join(directory, f".{name}.converting")
+    if os.path.lexists(temp):
+        os.unlink(temp)  # left by an interrupted conversion
+    with disks.open(src_path, read_only=True) as src:
+        sector = src.logical_sector_size if format == "vhdx" else 512
+        try:
+            with disks.create(temp, src.size, format=format, type=type, block_size=block_size,
+                              logical_sector_size=sector,
+                              physical_sector_size=src.physical_sector_size) as dst:
+                # A new disk reads as zeros everywhere, fixed ones included, so zeros need no write.
+                copy_data(src, dst, data_pieces(src.extents()), skip_zeros=True,
+                          total=data_bytes(src.extents()), progress=progress)
+            if os.path.lexists(dst_path):
+                raise DiskError(f"{dst_path}: already exists")
+            os.rename(temp, dst_path)
+            sync_directory(directory)
+        except BaseException:
+            if os.path.lexists(temp):
+                os.unlink(temp)
+            raise

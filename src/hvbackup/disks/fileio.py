@@ -1,0 +1,182 @@
+"""Positional file I/O into caller buffers, and the Linux space calls (fallocate) the formats use.
+
+Every helper takes a file descriptor and an absolute file offset, so no code depends on a shared
+file position. Buffers are memoryviews over preallocated storage; nothing here copies payload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import uuid
+from typing import Iterator
+
+import numpy as np
+
+from hvbackup.errors import DiskBusyError, DiskError, DiskFormatError
+
+MiB = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_ZEROS = bytes(4 * MiB)
+
+
+def open_disk_file(path: str, read_only: bool) -> int:
+    """Open a disk file; a writer takes an exclusive lock, so two writers never share a disk."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise DiskError(f"{path}: is a directory, not a disk") from None
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot open: {exc.strerror}") from exc
+    if not read_only:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DiskBusyError(f"{path}: another process has the disk open for writing") from None
+    return fd
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def readinto_at(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from ``offset``; bytes past the end of the file read as zeros."""
+    done = 0
+    total = len(buffer)
+    while done < total:
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            zero_fill(buffer[done:])
+            return
+        done += got
+
+
+def read_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+    """Read a structure that must lie wholly inside the file."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise DiskFormatError(f"file is truncated: {what} at offset {offset:#x} is incomplete")
+        data += more
+    return data
+
+
+def write_at(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise DiskError(f"write at offset {offset + done:#x} failed: {exc.strerror}") from exc
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros, keeping the space allocated."""
+    if length <= 0:
+        return
+    if _call_fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+        return
+    end = offset + length
+    while offset < end:
+        step = min(end - offset, len(_ZEROS))
+        write_at(fd, memoryview(_ZEROS)[:step], offset)
+        offset += step
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros and give the space back to the filesystem."""
+    if length <= 0:
+        return
+    if not _call_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        write_zeros(fd, offset, length)
+
+
+def preallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve real space for [offset, offset+length) (fixed disks); extends the file."""
+    if not _call_fallocate(fd, 0, offset, length):
+        os.ftruncate(fd, max(os.fstat(fd).st_size, offset + length))
+
+
+def _call_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """True if the filesystem did it; False if it does not support this mode."""
+    if _fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise DiskError(f"fallocate at offset {offset:#x} failed: {os.strerror(err)}")
+
+
+def zero_fill(buffer: memoryview) -> None:
+    if len(buffer):
+        np.frombuffer(buffer, dtype=np.uint8)[:] = 0
+
+
+def is_zero(buffer) -> bool:
+    """True if every byte is zero (vectorised; about 40 GB/s)."""
+    view = memoryview(buffer).cast("B")
+    body = len(view) & ~7
+    if body and np.frombuffer(view[:body], dtype=np.uint64).any():
+        return False
+    return not any(view[body:])
+
+
+def sync_data(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        raise DiskError(f"flush failed: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def new_file(path: str) -> Iterator[int]:
+    """Build a new file under a temporary name and link it to ``path`` only once it is complete and
+    durable, so a crash never leaves a half-written file there. Refuses to replace an existing file."""
+    if os.path.lexists(path):
+        raise DiskError(f"{path}: already exists")
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot create: {exc.strerror}") from exc
+    try:
+        try:
+            yield fd
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            raise DiskError(f"{path}: already exists") from None
+        sync_directory(directory)
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot create: {exc.strerror}") from exc
+    finally:
+        os.unlink(temp)
+
+
+def sync_directory(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,46 @@
+"""Merging a differencing disk into its parent and removing it (what deleting a checkpoint does).
+
+For VHDX the parent's DataWriteGuid changes, so the child first records the parent's next
+DataWriteGuid as ``parent_linkage2`` ([MS-VHDX] 2.6.2.6.3 note <12>): whenever the merge stops,
+the child still opens against its parent, the chain still reads the same data, and running the
+merge again finishes it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from hvbackup import disks
+from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
+from hvbackup.disks.device import ExtentState
+from hvbackup.disks.fileio import sync_directory
+from hvbackup.disks.vhdx.disk import VhdxDisk
+from hvbackup.errors import DiskError
+
+
+def merge(child_path: str, *, progress: Progress | None = None) -> str:
+    """Fold ``child_path`` into its parent, delete it, and return the parent's path."""
+    with disks.open(child_path, read_only=True) as child:
+        if child.parent is None:
+            raise DiskError(f"{child_path}: not a differencing disk; there is nothing to merge into")
+        parent_path = child.parent.path
+        is_vhdx = isinstance(child, VhdxDisk)
+    next_guid = uuid.uuid4()
+    if is_vhdx:
+        with VhdxDisk.open(child_path) as child:
+            child.add_parent_linkage2(next_guid)
+    with disks.open(parent_path) as parent, disks.open(child_path, read_only=True) as child:
+        if is_vhdx:
+            parent.set_next_data_write_guid(next_guid)
+        own = [e for e in child.extents() if e.depth == 0]
+        for ext in own:
+            if ext.state == ExtentState.ZERO:
+                parent.trim(ext.offset, ext.length)
+        copy_data(child, parent, data_pieces(own), skip_zeros=False, total=data_bytes(own), progress=progress)
+        if is_vhdx:
+            parent.adopt_virtual_disk_items(child.metadata)
+        parent.flush()
+    os.unlink(child_path)
+    sync_directory(os.path.dirname(os.path.abspath(child_path)))
+    return parent_path

@@ -1,0 +1,46 @@
+"""Recognising a disk file by its content, not its name."""
+
+from __future__ import annotations
+
+import os
+
+from hvbackup.disks.vhdx.header import OFFSETS as HEADER_OFFSETS
+from hvbackup.disks.vhdx.header import SIGNATURE as HEADER_SIGNATURE
+from hvbackup.disks.vhdx.identifier import SIGNATURE as VHDX_SIGNATURE
+from hvbackup.errors import DiskError, DiskFormatError
+
+VHD_COOKIE = b"conectix"
+
+
+def detect_format(path: str) -> str:
+    """'vhdx' (file type identifier at 0, or a damaged one with VHDX headers behind it), 'vhd'
+    (footer copy at 0, or a footer at the end — a fixed VHD), else 'raw'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head == VHDX_SIGNATURE or _has_vhdx_headers(f):
+                return "vhdx"
+            if head == VHD_COOKIE:
+                return "vhd"
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                raise DiskFormatError(f"{path}: the file is empty, not a disk")
+            for footer in (512, 511):  # Virtual PC's oldest footers are 511 bytes
+                if size >= footer:
+                    f.seek(size - footer)
+                    if f.read(8) == VHD_COOKIE:
+                        return "vhd"
+    except IsADirectoryError:
+        raise DiskError(f"{path}: is a directory, not a disk") from None
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot open: {exc.strerror}") from exc
+    return "raw"
+
+
+def _has_vhdx_headers(f) -> bool:
+    """A VHDX whose file type identifier was overwritten still has "head" at 64 or 128 KiB."""
+    for offset in HEADER_OFFSETS:
+        f.seek(offset)
+        if f.read(4) == HEADER_SIGNATURE:
+            return True
+    return False

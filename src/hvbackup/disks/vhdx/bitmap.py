@@ -1,0 +1,75 @@
+"""[MS-VHDX] 2.4 sector bitmap blocks of a differencing file.
+
+One bit per logical sector, bit 0 of byte 0 first; 1 means the sector's data is in this file, 0 that
+it comes from the parent. Each 1 MiB block covers one chunk (2^23 sectors). Blocks are loaded on
+first use; changed 4 KiB pages are remembered until the next commit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from hvbackup.disks.fileio import MiB
+from hvbackup.disks.vhdx.bat import PAGE
+
+BITMAP_BLOCK = MiB
+
+
+class SectorBitmaps:
+    def __init__(self, read_block: Callable[[int], bytes]):
+        """``read_block(file_offset)`` returns the 1 MiB block stored at that offset."""
+        self._read_block = read_block
+        self._blocks: dict[int, tuple[int, np.ndarray]] = {}
+        self.dirty_pages: set[tuple[int, int]] = set()
+
+    def attach(self, chunk: int, file_offset: int, fresh: bool = False) -> None:
+        """Make the bitmap block of ``chunk`` known; a fresh block is all zeros."""
+        if fresh:
+            bits = np.zeros(BITMAP_BLOCK, dtype=np.uint8)
+        else:
+            bits = np.frombuffer(self._read_block(file_offset), dtype=np.uint8).copy()
+        self._blocks[chunk] = (file_offset, bits)
+
+    def _bits(self, chunk: int, file_offset: int) -> np.ndarray:
+        known = self._blocks.get(chunk)
+        if known is None or known[0] != file_offset:
+            self.attach(chunk, file_offset)
+            known = self._blocks[chunk]
+        return known[1]
+
+    def runs(self, chunk: int, file_offset: int, first: int, count: int) -> list[tuple[bool, int, int]]:
+        """(present, first sector, sector count) runs covering sectors [first, first+count) of the
+        chunk, in order."""
+        bits = self._sector_bits(self._bits(chunk, file_offset), first, count)
+        edges = np.flatnonzero(np.diff(bits)) + 1
+        starts = np.concatenate(([0], edges))
+        ends = np.concatenate((edges, [count]))
+        return [(bool(bits[s]), first + int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+    def all_present(self, chunk: int, file_offset: int, first: int, count: int) -> bool:
+        return bool(self._sector_bits(self._bits(chunk, file_offset), first, count).all())
+
+    def mark_present(self, chunk: int, file_offset: int, first: int, count: int) -> None:
+        """Set the bits of sectors [first, first+count)."""
+        bits = self._bits(chunk, file_offset)
+        lo, hi = first // 8, -(-(first + count) // 8)
+        unpacked = np.unpackbits(bits[lo:hi], bitorder="little")
+        unpacked[first - lo * 8:first - lo * 8 + count] = 1
+        bits[lo:hi] = np.packbits(unpacked, bitorder="little")
+        for page in range(lo // PAGE, (hi - 1) // PAGE + 1):
+            self.dirty_pages.add((chunk, page))
+
+    def pages_to_commit(self) -> list[tuple[int, bytes]]:
+        pages = []
+        for chunk, page in sorted(self.dirty_pages):
+            file_offset, bits = self._blocks[chunk]
+            pages.append((file_offset + page * PAGE, bits[page * PAGE:(page + 1) * PAGE].tobytes()))
+        return pages
+
+    @staticmethod
+    def _sector_bits(bits: np.ndarray, first: int, count: int) -> np.ndarray:
+        lo, hi = first // 8, -(-(first + count) // 8)
+        unpacked = np.unpackbits(bits[lo:hi], bitorder="little")
+        return unpacked[first - lo * 8:first - lo * 8 + count]

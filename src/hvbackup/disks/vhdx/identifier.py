@@ -1,0 +1,29 @@
+"""[MS-VHDX] 2.2.1 File Type Identifier: the signature at offset 0, written once at creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvbackup.errors import DiskFormatError
+
+SIGNATURE = b"vhdxfile"
+OFFSET = 0
+SIZE = 64 * 1024
+_CREATOR_BYTES = 512
+
+
+@dataclass(frozen=True)
+class FileTypeIdentifier:
+    creator: str
+
+    def pack(self) -> bytes:
+        creator = self.creator.encode("utf-16-le")[:_CREATOR_BYTES]
+        return SIGNATURE + creator.ljust(_CREATOR_BYTES, b"\0")
+
+    @classmethod
+    def unpack(cls, data: bytes) -> FileTypeIdentifier:
+        if data[:8] != SIGNATURE:
+            raise DiskFormatError("not a VHDX file: the file type identifier signature is missing")
+        raw = data[8:8 + _CREATOR_BYTES]
+        text = raw.decode("utf-16-le", errors="replace")
+        return cls(creator=text.split("\0", 1)[0])

@@ -1,0 +1,80 @@
+"""The write side of [MS-VHDX] 2.3: every metadata update goes through the log.
+
+A commit is one log entry holding the new contents of every dirty 4 KiB metadata page:
+
+1. flush payload data (and file growth), so nothing the new metadata points at can be lost;
+2. write the entry and flush it — from here a crash replays it;
+3. write each page to its final place and flush.
+
+Each entry's tail points at itself: an entry is applied before the next is written, so the newest
+valid entry alone describes everything not yet known to be in place. A session's first entry is
+written before the header's LogGuid names it, so a header never points at a log without a valid
+sequence; a clean close sets LogGuid back to zero.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from hvbackup.disks.fileio import MiB, sync_data, write_at
+from hvbackup.disks.vhdx.header import NULL_GUID, HeaderSet
+from hvbackup.disks.vhdx.log import SECTOR, build_entry, entry_length
+from hvbackup.errors import DiskError
+
+
+def pages_per_entry(log_length: int) -> int:
+    """The most 4 KiB pages one entry can carry in a log of ``log_length`` bytes."""
+    count = log_length // SECTOR
+    while count and entry_length(count) > log_length:
+        count -= 1
+    return count
+
+
+class Journal:
+    def __init__(self, fd: int, headers: HeaderSet):
+        self._fd = fd
+        self._headers = headers
+        self._offset = headers.current.log_offset
+        self._length = headers.current.log_length
+        self.capacity = pages_per_entry(self._length)
+        self._position = 0
+        self._sequence = 0
+        self._guid = uuid.uuid4()
+
+    def commit(self, pages: list[tuple[int, bytes]], last_file_offset: int) -> None:
+        """Make ``pages`` (file offset, 4 KiB contents) durable at their final places, atomically."""
+        if not pages:
+            return
+        if len(pages) > self.capacity:
+            raise DiskError(f"a metadata update of {len(pages)} pages exceeds the log ({self.capacity} pages)")
+        sync_data(self._fd)
+        size = os.fstat(self._fd).st_size
+        length = entry_length(len(pages))
+        if self._position + length > self._length:
+            self._position = 0
+        self._sequence += 1
+        entry = build_entry(
+            sequence=self._sequence,
+            tail=self._position,
+            log_guid=self._guid,
+            pages=pages,
+            flushed_file_offset=size // MiB * MiB,
+            last_file_offset=last_file_offset,
+        )
+        write_at(self._fd, entry, self._offset + self._position)
+        sync_data(self._fd)
+        if self._headers.current.log_guid != self._guid:
+            self._headers.update(log_guid=self._guid)
+        self._position += length
+        self._apply(pages)
+
+    def _apply(self, pages: list[tuple[int, bytes]]) -> None:
+        for offset, page in sorted(pages):
+            write_at(self._fd, page, offset)
+        sync_data(self._fd)
+
+    def close(self) -> None:
+        """Mark the log empty: everything in it has been applied."""
+        if self._headers.current.log_guid != NULL_GUID:
+            self._headers.update(log_guid=NULL_GUID)

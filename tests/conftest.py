@@ -1,0 +1,39 @@
+"""Shared test options.
+
+``--full`` runs every crash and fuzz case; without it the slow tests run a bounded sample so the
+whole suite stays within CI's time budget. Interop tests need qemu-img, qemu-io, vhdiinfo and
+libvhdi-python, which ``.ci/run`` installs: a missing tool is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "bounded", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "full", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true", help="run every slow crash and fuzz case")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings.load_profile("full" if config.getoption("--full") else "bounded")
+
+
+@pytest.fixture
+def full(request: pytest.FixtureRequest) -> bool:
+    """True when the whole slow suite was asked for."""
+    return bool(request.config.getoption("--full"))
+
+
+@pytest.fixture
+def sample(full: bool):
+    """``sample(bounded, complete)``: how many cases a slow test runs."""
+    return lambda bounded, complete: complete if full else bounded
+

@@ -1,0 +1,222 @@
+"""Damaged and hostile VHDX files: every one gets a clear DiskFormatError (exit 2 and one line from
+the CLI) — never another exception, a hang, or a huge allocation. A hypothesis fuzzer mutates the
+metadata area of real files and checks the same for whatever it produces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hvbackup import disks
+from hvbackup.disks.check import check
+from hvbackup.disks.vhdx import region
+from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
+from hvbackup.disks.vhdx.create import BAT_OFFSET, METADATA_OFFSET
+from hvbackup.errors import DiskFormatError, HvBackupError, ParentError
+
+MiB = 1 << 20
+HEADER_1, HEADER_2 = 64 * 1024, 128 * 1024
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """A small dynamic disk with data and a differencing child of it."""
+    root = tmp_path_factory.mktemp("images")
+    base, child = root / "base.vhdx", root / "child.vhdx"
+    with disks.create(base, 8 * MiB, block_size=MiB) as d:
+        d.write(0, b"\xab" * 3 * MiB)
+    with disks.create(child, type="differencing", parent=base, block_size=MiB) as c:
+        c.write(MiB + 512, b"\xcd" * 4096)
+    return {"base": base, "child": child}
+
+
+def damaged(images, tmp_path, change, name: str = "base") -> Path:
+    """A copy of an image (its parent copied along) with ``change(bytearray)`` applied."""
+    for source in images.values():
+        shutil.copy(source, tmp_path / source.name)
+    target = tmp_path / images[name].name
+    data = bytearray(target.read_bytes())
+    result = change(data)
+    target.write_bytes(bytes(result if isinstance(result, bytearray) else data))
+    return target
+
+
+def flip(offset: int):
+    def change(data: bytearray):
+        data[offset] ^= 0x10
+    return change
+
+
+def put(offset: int, fmt: str, *values, recrc: int | None = None, crc_span: int = 0):
+    """Overwrite a field; with ``recrc`` recompute the structure's checksum so only the field is wrong."""
+    def change(data: bytearray):
+        struct.pack_into(fmt, data, offset, *values)
+        if recrc is not None:
+            struct.pack_into("<I", data, recrc + 4, crc32c_with_zeroed_field(data[recrc:recrc + crc_span], 4))
+    return change
+
+
+def _bat_entry_offset(index: int) -> int:
+    return BAT_OFFSET + 8 * index
+
+
+FATAL = {
+    "empty file": lambda d: bytearray(),
+    "truncated inside the header section": lambda d: d[:100_000],
+    "truncated inside the BAT": lambda d: d[:BAT_OFFSET + 4096],
+    "truncated inside a data block": lambda d: d[:len(d) - MiB // 2],
+    "signature": flip(0),
+    "both headers": lambda d: [flip(HEADER_1 + 20)(d), flip(HEADER_2 + 20)(d)],
+    "both region tables": lambda d: [flip(region.OFFSETS[0] + 20)(d), flip(region.OFFSETS[1] + 20)(d)],
+    "metadata table signature": flip(METADATA_OFFSET),
+    "absurd metadata entry count": put(METADATA_OFFSET + 10, "<H", 60000),
+    "absurd region entry count": lambda d: [
+        put(o + 8, "<I", 5000, recrc=o, crc_span=64 * 1024)(d) for o in region.OFFSETS],
+    "regions overlap": lambda d: [
+        put(o + 16 + 16, "<Q", METADATA_OFFSET, recrc=o, crc_span=64 * 1024)(d) for o in region.OFFSETS],
+    "region past the end of the file": lambda d: [
+        put(o + 16 + 16, "<Q", 1 << 40, recrc=o, crc_span=64 * 1024)(d) for o in region.OFFSETS],
+    "BAT entry points outside the file": put(_bat_entry_offset(0), "<Q", (1 << 30) << 20 | 6),
+    "BAT entry in the header section": put(_bat_entry_offset(0), "<Q", 6),
+    "two BAT entries share a block": lambda d: d.__setitem__(
+        slice(_bat_entry_offset(1), _bat_entry_offset(1) + 8), d[_bat_entry_offset(0):_bat_entry_offset(0) + 8]),
+    "BAT reserved bits": put(_bat_entry_offset(0), "<Q", 6 | 1 << 12),
+    "BAT state not allowed in a dynamic disk": put(_bat_entry_offset(0), "<Q", 7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FATAL))
+def test_fatal_damage_is_a_clear_error(images, tmp_path, case):
+    path = damaged(images, tmp_path, FATAL[case])
+    started = time.monotonic()
+    with pytest.raises(DiskFormatError) as caught:
+        disks.open(path, read_only=True)
+    assert time.monotonic() - started < 5
+    assert str(path.name) in str(caught.value) or "parent" in str(caught.value)
+    if case == "empty file":  # not recognisable as any disk: check fails like every other command
+        with pytest.raises(DiskFormatError):
+            check(str(path))
+    else:
+        assert not check(str(path)).ok
+    result = subprocess.run([sys.executable, "-m", "hvbackup", "disk", "info", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("hvbackup: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("field", ["virtual size", "block size", "logical sector size", "required item"])
+def test_bad_metadata_values(images, tmp_path, field):
+    from hvbackup.disks.vhdx.metadata import Metadata
+
+    def change(data: bytearray):
+        region_bytes = bytes(data[METADATA_OFFSET:METADATA_OFFSET + MiB])
+        md = Metadata.read(lambda off, n: region_bytes[off:off + n], MiB)
+        import dataclasses
+
+        from hvbackup.disks.vhdx.metadata import FileParameters, MetadataEntry
+        if field == "virtual size":
+            md = dataclasses.replace(md, virtual_size=1 << 62)
+        elif field == "block size":
+            md = dataclasses.replace(md, file_parameters=FileParameters(3 * MiB))
+        elif field == "logical sector size":
+            md = dataclasses.replace(md, logical_sector_size=1000)
+        else:
+            md = dataclasses.replace(md, other_items=((MetadataEntry(uuid.uuid4(), 0, 4, is_required=True), b"new!"),))
+        data[METADATA_OFFSET:METADATA_OFFSET + MiB] = md.pack(MiB)
+
+    with pytest.raises(DiskFormatError):
+        disks.open(damaged(images, tmp_path, change), read_only=True)
+
+
+def test_one_damaged_copy_is_survived_reported_and_repaired(images, tmp_path):
+    path = damaged(images, tmp_path, lambda d: [flip(HEADER_1 + 20)(d), flip(region.OFFSETS[0] + 20)(d)])
+    with disks.open(path, read_only=True) as d:
+        assert d.read(0, 4) == b"\xab" * 4
+    report = check(str(path))
+    assert len(report.problems) == 2
+    repaired = check(str(path), repair=True)
+    assert repaired.ok and len(repaired.repaired) == 2
+    result = subprocess.run([sys.executable, "-m", "hvbackup", "disk", "check", str(path)], capture_output=True)
+    assert result.returncode == 0
+
+
+def test_missing_parent(tmp_path):
+    disks.create(tmp_path / "base.vhdx", 4 * MiB).close()
+    disks.create(tmp_path / "child.vhdx", type="differencing", parent=tmp_path / "base.vhdx").close()
+    os.unlink(tmp_path / "base.vhdx")
+    with pytest.raises(ParentError, match="parent not found"):
+        disks.open(tmp_path / "child.vhdx", read_only=True)
+
+
+def test_parent_loop_is_detected(tmp_path):
+    """a -> b -> a: each child names the other as parent with a matching linkage."""
+    base = tmp_path / "base.vhdx"
+    disks.create(base, 4 * MiB).close()
+    a, b = tmp_path / "a.vhdx", tmp_path / "b.vhdx"
+    disks.create(a, type="differencing", parent=base).close()
+    disks.create(b, type="differencing", parent=a).close()
+    import dataclasses
+
+    from hvbackup.disks.vhdx.disk import VhdxDisk
+    from hvbackup.disks.vhdx.locator import ParentLocator, format_linkage
+
+    with VhdxDisk.open(str(b), read_only=True) as disk_b:
+        b_guid = disk_b.data_write_guid
+    with VhdxDisk.open(str(a)) as disk_a:
+        locator = ParentLocator({"parent_linkage": format_linkage(b_guid), "relative_path": "b.vhdx"})
+        disk_a._rewrite_metadata(dataclasses.replace(disk_a.metadata, parent_locator=locator))
+    started = time.monotonic()
+    with pytest.raises(ParentError, match="loops"):
+        disks.open(b, read_only=True)
+    assert time.monotonic() - started < 5
+
+
+def _fuzz_source(images) -> dict[str, bytes]:
+    return {name: path.read_bytes() for name, path in images.items()}
+
+
+@pytest.mark.slow
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_metadata_area(images, tmp_path_factory, data):
+    """Random byte changes in the header, log, metadata and BAT areas, and random truncation."""
+    name = data.draw(st.sampled_from(["base", "child"]))
+    work = tmp_path_factory.mktemp("fuzz")
+    for source in images.values():
+        shutil.copy(source, work / source.name)
+    target = work / images[name].name
+    blob = bytearray(target.read_bytes())
+    spots = data.draw(st.lists(st.tuples(
+        st.sampled_from([0, HEADER_1, HEADER_2, *region.OFFSETS, MiB, METADATA_OFFSET, BAT_OFFSET]),
+        st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=8))
+    for base_offset, delta, value in spots:
+        blob[base_offset + delta] = value
+    if data.draw(st.booleans()):
+        blob = blob[:data.draw(st.integers(0, len(blob)))]
+    target.write_bytes(bytes(blob))
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with disks.open(target, read_only=data.draw(st.booleans())) as disk:
+            disk.read(0, disk.size)
+            list(disk.extents())
+    except HvBackupError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert time.monotonic() - started < 10
+    assert peak < 256 * MiB
+    shutil.rmtree(work)
