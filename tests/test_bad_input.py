@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_vhdx_disk import leave_log_pending
 
 from hvbackup import disks
 from hvbackup.disks.check import check
@@ -31,14 +32,19 @@ HEADER_1, HEADER_2 = 64 * 1024, 128 * 1024
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    """A small dynamic disk with data and a differencing child of it."""
+    """A small dynamic disk with data, a differencing child of it, and a disk whose last commit was
+    cut off after its log entry was written (so opening it must replay the log)."""
     root = tmp_path_factory.mktemp("images")
-    base, child = root / "base.vhdx", root / "child.vhdx"
+    base, child, pending = root / "base.vhdx", root / "child.vhdx", root / "pending.vhdx"
     with disks.create(base, 8 * MiB, block_size=MiB) as d:
         d.write(0, b"\xab" * 3 * MiB)
     with disks.create(child, type="differencing", parent=base, block_size=MiB) as c:
         c.write(MiB + 512, b"\xcd" * 4096)
-    return {"base": base, "child": child}
+    disk = disks.create(pending, 8 * MiB, block_size=MiB)
+    disk.write(2 * MiB, b"\xef" * MiB)
+    with pytest.MonkeyPatch.context() as patch:
+        leave_log_pending(disk, patch)
+    return {"base": base, "child": child, "pending": pending}
 
 
 def damaged(images, tmp_path, change, name: str = "base") -> Path:
@@ -114,6 +120,33 @@ def test_fatal_damage_is_a_clear_error(images, tmp_path, case):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("hvbackup: error:"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+LOG_ENTRY = MiB  # the log starts at 1 MiB; a session's first entry is written at its start
+
+
+@pytest.mark.parametrize("where", ["entry header", "descriptor", "data sector", "log GUID in the header"])
+def test_a_damaged_pending_log_is_refused(images, tmp_path, where):
+    """With LogGuid set the log must replay; if no valid sequence remains the file is not opened."""
+    offset = {"entry header": LOG_ENTRY + 20, "descriptor": LOG_ENTRY + 64 + 8,
+              "data sector": LOG_ENTRY + 4096 + 100}.get(where)
+    if offset is None:  # both headers name another log GUID (checksums recomputed)
+        def change(data: bytearray):
+            for at in (HEADER_1, HEADER_2):
+                data[at + 48] ^= 1
+                struct.pack_into("<I", data, at + 4, crc32c_with_zeroed_field(data[at:at + 4096], 4))
+    else:
+        change = flip(offset)
+    path = damaged(images, tmp_path, change, name="pending")
+    with pytest.raises(DiskFormatError, match="no valid log sequence"):
+        disks.open(path, read_only=True)
+    with pytest.raises(DiskFormatError, match="no valid log sequence"):
+        disks.open(path)
+
+
+def test_the_pending_log_image_replays(images):
+    with disks.open(images["pending"], read_only=True) as d:
+        assert d.log_pending and d.read(2 * MiB, 4) == b"\xef" * 4
 
 
 @pytest.mark.parametrize("field", ["virtual size", "block size", "logical sector size", "required item"])
@@ -192,14 +225,14 @@ def _fuzz_source(images) -> dict[str, bytes]:
 @given(data=st.data())
 def test_fuzz_metadata_area(images, tmp_path_factory, data):
     """Random byte changes in the header, log, metadata and BAT areas, and random truncation."""
-    name = data.draw(st.sampled_from(["base", "child"]))
+    name = data.draw(st.sampled_from(["base", "child", "pending"]))
     work = tmp_path_factory.mktemp("fuzz")
     for source in images.values():
         shutil.copy(source, work / source.name)
     target = work / images[name].name
     blob = bytearray(target.read_bytes())
     spots = data.draw(st.lists(st.tuples(
-        st.sampled_from([0, HEADER_1, HEADER_2, *region.OFFSETS, MiB, METADATA_OFFSET, BAT_OFFSET]),
+        st.sampled_from([0, HEADER_1, HEADER_2, *region.OFFSETS, LOG_ENTRY, METADATA_OFFSET, BAT_OFFSET]),
         st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=8))
     for base_offset, delta, value in spots:
         blob[base_offset + delta] = value

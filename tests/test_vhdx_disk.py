@@ -143,7 +143,7 @@ class _Crash(Exception):
     pass
 
 
-def _leave_log_pending(disk: VhdxDisk, monkeypatch) -> None:
+def leave_log_pending(disk: VhdxDisk, monkeypatch) -> None:
     """Stop a commit after its log entry is durable and named by the header, before the pages reach
     their places; then drop the file as a killed process would."""
     def crash(self, pages):
@@ -160,7 +160,7 @@ def test_pending_log_replays_in_memory_read_only_and_in_place_read_write(tmp_pat
     path = tmp_path / "d.vhdx"
     disk = disks.create(path, 8 * MiB, block_size=MiB)
     disk.write(3 * MiB, b"\7" * MiB)
-    _leave_log_pending(disk, monkeypatch)
+    leave_log_pending(disk, monkeypatch)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     with disks.open(path, read_only=True) as d:
         assert d.log_pending and d.read(3 * MiB, MiB) == b"\7" * MiB
