@@ -1,7 +1,8 @@
 """Moving data between block devices in large buffers, guided by extents.
 
 Reads run one buffer ahead of writes on a helper thread, so file reads overlap the zero check and
-the writes (all release the GIL).
+the writes (all release the GIL). Every 64 MiB written, the destination is asked to start writing
+back, so storage works while the copy goes on and the final flush waits for little.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import MiB, is_zero
 
 BUFFER = 4 * MiB
+WRITE_BEHIND = 64 * MiB  # start writing back to storage after every this many bytes
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
@@ -45,14 +47,17 @@ def copy_data(
     """Copy each (offset, length) piece from ``src`` to the same offset of ``dst``. With
     ``skip_zeros`` a piece of zeros is not written (the destination already reads zeros there)."""
     buffers = [bytearray(BUFFER), bytearray(BUFFER)]
-    done = 0
+    done = written = 0
 
     def store(pending) -> None:
-        nonlocal done
+        nonlocal done, written
         offset, length, future = pending
         view = future.result()
         if not (skip_zeros and is_zero(view)):
             dst.write(offset, view)
+            written += length
+            if written % WRITE_BEHIND < length:
+                dst.start_flush()
         done += length
         if progress:
             progress(done, total)

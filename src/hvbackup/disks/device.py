@@ -68,6 +68,10 @@ class BlockDevice(abc.ABC):
     def flush(self) -> None:
         """Make every completed write durable."""
 
+    def start_flush(self) -> None:  # noqa: B027 - a hint; a device may have nothing to start
+        """Begin making completed writes durable without waiting; long copies call it as they go so
+        the final ``flush()`` does not wait for everything at once."""
+
     @abc.abstractmethod
     def _close(self) -> None:
         """Flush and release the file; called once."""

@@ -7,7 +7,7 @@ import abc
 import os
 
 from hvbackup.disks.device import BlockDevice
-from hvbackup.disks.fileio import open_disk_file
+from hvbackup.disks.fileio import open_disk_file, start_writeback
 from hvbackup.errors import DiskFormatError, ParentError
 
 
@@ -36,6 +36,10 @@ class FileDisk(BlockDevice):
     @abc.abstractmethod
     def _load(self, chain: tuple[str, ...]) -> None:
         """Read and validate the format's structures from ``self._fd``; open the parent if any."""
+
+    def start_flush(self) -> None:
+        if not self.read_only and not self.closed:
+            start_writeback(self._fd)
 
     def _finish_writes(self) -> None:
         """Before a writer's file is released: make everything durable."""
