@@ -1,19 +1,23 @@
 """Moving data between block devices in large buffers, guided by extents.
 
-Reads run one buffer ahead of writes on a helper thread, so file reads overlap the zero check and
-the writes (all release the GIL). Every 64 MiB written, the destination is asked to start writing
-back, so storage works while the copy goes on and the final flush waits for little.
+Two reader threads read and zero-check up to four pieces ahead of the writes, so reading, checking
+and writing overlap (file I/O and numpy release the GIL); writes stay in order. Every 64 MiB
+written, the destination is asked to start writing back, so storage works while the copy goes on
+and the final flush waits for little.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import MiB, is_zero
 
 BUFFER = 4 * MiB
+READ_AHEAD = 4           # buffers in flight: pieces read (and zero-checked) ahead of the writes
+READERS = 2
 WRITE_BEHIND = 64 * MiB  # start writing back to storage after every this many bytes
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -46,14 +50,20 @@ def copy_data(
 ) -> None:
     """Copy each (offset, length) piece from ``src`` to the same offset of ``dst``. With
     ``skip_zeros`` a piece of zeros is not written (the destination already reads zeros there)."""
-    buffers = [bytearray(BUFFER), bytearray(BUFFER)]
+    buffers = [memoryview(bytearray(BUFFER)) for _ in range(READ_AHEAD)]
+    pending: deque[tuple[int, int, Future]] = deque()
     done = written = 0
 
-    def store(pending) -> None:
+    def load(buffer: memoryview, offset: int, length: int) -> tuple[memoryview, bool]:
+        view = buffer[:length]
+        src.readinto(offset, view)
+        return view, skip_zeros and is_zero(view)
+
+    def store() -> None:
         nonlocal done, written
-        offset, length, future = pending
-        view = future.result()
-        if not (skip_zeros and is_zero(view)):
+        offset, length, future = pending.popleft()
+        view, zeros = future.result()
+        if not zeros:
             dst.write(offset, view)
             written += length
             if written % WRITE_BEHIND < length:
@@ -62,19 +72,10 @@ def copy_data(
         if progress:
             progress(done, total)
 
-    def load(index: int, offset: int, length: int) -> memoryview:
-        view = memoryview(buffers[index])[:length]
-        src.readinto(offset, view)
-        return view
-
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = None
-        turn = 0
-        for offset, length in pieces:
-            upcoming = (offset, length, reader.submit(load, turn, offset, length))
-            turn ^= 1
-            if pending:
-                store(pending)
-            pending = upcoming
-        if pending:
-            store(pending)
+    with ThreadPoolExecutor(max_workers=READERS) as readers:
+        for index, (offset, length) in enumerate(pieces):
+            if len(pending) == READ_AHEAD:
+                store()  # frees the buffer this piece reuses
+            pending.append((offset, length, readers.submit(load, buffers[index % READ_AHEAD], offset, length)))
+        while pending:
+            store()

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
+from hvbackup.disks.fileio import zero_fill
 from hvbackup.errors import DiskError
 
 
@@ -159,6 +160,13 @@ class BlockDevice(abc.ABC):
         return f"<{type(self).__name__} {self.path!r} {self.disk_type} {self.size} bytes>"
 
     # -- helpers for subclasses ----------------------------------------------------------------
+
+    def _read_parent(self, offset: int, piece: memoryview) -> None:
+        """Bytes this file does not hold: the parent's, and zeros past its end or without one."""
+        inside = 0 if self.parent is None else max(0, min(len(piece), self.parent.size - offset))
+        if inside:
+            self.parent.readinto(offset, piece[:inside])
+        zero_fill(piece[inside:])
 
     def _parent_extents(self, start: int, end: int) -> Iterator[Extent]:
         """[start, end) as the layers below see it, one level deeper; past the parent's end (or

@@ -143,7 +143,7 @@ class VhdDisk(FileDisk):
             piece = view[pos:pos + take]
             location = self.bat.location(block)
             if location is None:
-                self._read_absent(offset + pos, piece)
+                self._read_parent(offset + pos, piece)
             else:
                 self._read_block(location, offset + pos - within, within, piece)
 
@@ -168,14 +168,7 @@ class VhdDisk(FileDisk):
             elif self.footer.disk_type == DYNAMIC:
                 zero_fill(part)
             else:
-                self._read_absent(block_start + lo, part)
-
-    def _read_absent(self, offset: int, piece: memoryview) -> None:
-        """Bytes this file does not hold: the parent's, zeros past its end or without one."""
-        inside = 0 if self.parent is None else max(0, min(len(piece), self.parent.size - offset))
-        if inside:
-            self.parent.readinto(offset, piece[:inside])
-        zero_fill(piece[inside:])
+                self._read_parent(block_start + lo, part)
 
     # -- writes and trims ----------------------------------------------------------------------
 

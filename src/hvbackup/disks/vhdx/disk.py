@@ -86,7 +86,8 @@ class VhdxDisk(FileDisk):
             self._open_parent(chain)
         self._bitmaps = SectorBitmaps(lambda off: self._read_meta(off, BITMAP_BLOCK))
         self._journal = None if read_only else Journal(fd, self.headers)
-        self._next_free = round_up(file_size, MiB)
+        header = self.headers.current
+        self._next_free = round_up(max(file_size, header.log_offset + header.log_length), MiB)
         self._visible_change_made = False
         self._next_data_write_guid: uuid.UUID | None = None
         self._unflushed = False
@@ -222,8 +223,7 @@ class VhdxDisk(FileDisk):
                 (offset + at, table[at:at + batmod.PAGE])
                 for offset in region.OFFSETS for at in range(0, len(table), batmod.PAGE)
             ]
-            self._commit()
-            self._journal.commit(pages, last_file_offset=self._next_free)
+            self._commit_pages(pages)
             self.region_table_problems = []
             done.append("rewrote the damaged region table")
         return done
@@ -278,12 +278,6 @@ class VhdxDisk(FileDisk):
         readinto_at(self._fd, piece, file_offset)
         if self._overlay:
             self._overlay.patch(file_offset, piece)
-
-    def _read_parent(self, offset: int, piece: memoryview) -> None:
-        inside = max(0, min(len(piece), self.parent.size - offset))
-        if inside:
-            self.parent.readinto(offset, piece[:inside])
-        zero_fill(piece[inside:])
 
     def _read_partial(self, block: int, location: int, within: int, piece: memoryview) -> None:
         base = block * self.geometry.block_size
@@ -494,11 +488,15 @@ class VhdxDisk(FileDisk):
             for at in range(0, len(new), batmod.PAGE)
             if new[at:at + batmod.PAGE] != old[at:at + batmod.PAGE]
         ]
+        self._commit_pages(pages)
+        self.metadata = metadata
+
+    def _commit_pages(self, pages: list[tuple[int, bytes]]) -> None:
+        """Commit pending BAT and bitmap pages, then ``pages`` as one atomic log entry."""
         if len(pages) > self._journal.capacity:
             raise DiskError(f"{self.path}: the metadata change is larger than the log can apply atomically")
         self._commit()
         self._journal.commit(pages, last_file_offset=self._next_free)
-        self.metadata = metadata
 
     def flush(self) -> None:
         if self.read_only or self.closed:
