@@ -26,8 +26,11 @@ def merge(child_path: str, *, progress: Progress | None = None) -> str:
             raise DiskError(f"{child_path}: not a differencing disk; there is nothing to merge into")
         parent_path = child.parent.path
         is_vhdx = isinstance(child, VhdxDisk)
-    next_guid = uuid.uuid4()
-    if is_vhdx:
+        if is_vhdx:
+            # A merge that stopped half way has already given the parent the child's linkage2.
+            resumed = child.parent.data_write_guid != child.metadata.parent_locator.linkages[0]
+            next_guid = child.parent.data_write_guid if resumed else uuid.uuid4()
+    if is_vhdx and not resumed:
         with VhdxDisk.open(child_path) as child:
             child.add_parent_linkage2(next_guid)
     with disks.open(parent_path) as parent, disks.open(child_path, read_only=True) as child:
