@@ -253,3 +253,74 @@ def test_fuzz_metadata_area(images, tmp_path_factory, data):
     assert time.monotonic() - started < 10
     assert peak < 256 * MiB
     shutil.rmtree(work)
+
+
+def _rewrite_headers(data: bytearray, **changes) -> None:
+    """Change fields in both headers and recompute their checksums."""
+    import dataclasses
+
+    from hvbackup.disks.vhdx.header import Header
+
+    for at in (HEADER_1, HEADER_2):
+        h = Header.unpack(bytes(data[at:at + 4096]))
+        data[at:at + 4096] = dataclasses.replace(h, **changes).pack()
+
+
+def test_a_log_past_the_end_of_the_file_is_refused(images, tmp_path):
+    path = damaged(images, tmp_path, lambda d: _rewrite_headers(d, log_offset=1 << 62))
+    with pytest.raises(DiskFormatError, match="log lies past the end"):
+        disks.open(path, read_only=True)
+
+
+def test_a_foreign_log_version_opens_read_only_only(images, tmp_path):
+    path = damaged(images, tmp_path, lambda d: _rewrite_headers(d, log_version=1))
+    with disks.open(path, read_only=True) as d:
+        assert d.read(0, 4) == b"\xab" * 4
+    with pytest.raises(DiskFormatError, match="read-only only"):
+        disks.open(path)
+
+
+def _log_entry(guid: uuid.UUID, sequence: int, *, last: int, zero_at: int | None = None) -> bytes:
+    """One log entry: no data sectors, and a zero descriptor if ``zero_at`` is given."""
+    from hvbackup.disks.vhdx import log
+
+    entry = bytearray(4096)
+    count = 0 if zero_at is None else 1
+    struct.pack_into("<4sIIIQII16sQQ", entry, 0, b"loge", 0, 4096, 0, sequence, count, 0, guid.bytes_le, 0, last)
+    if zero_at is not None:
+        struct.pack_into("<4sIQQQ", entry, 64, b"zero", 0, 4096, zero_at, sequence)
+    struct.pack_into("<I", entry, 4, log.crc32c_with_zeroed_field(entry, 4))
+    return bytes(entry)
+
+
+@pytest.mark.parametrize("case", ["last file offset beyond any file", "zero descriptor past the filesystem limit"])
+def test_hostile_log_entries(images, tmp_path, case):
+    from hvbackup.disks.vhdx.header import Header
+
+    guid = Header.unpack(images["pending"].read_bytes()[HEADER_1:HEADER_1 + 4096]).log_guid
+    if case.startswith("last"):
+        entry = _log_entry(guid, 99, last=(1 << 64) - (1 << 20))
+    else:
+        entry = _log_entry(guid, 99, last=0, zero_at=100 << 40)
+
+    def change(data: bytearray):
+        data[LOG_ENTRY:LOG_ENTRY + 4096] = entry
+
+    path = damaged(images, tmp_path, change, name="pending")
+    with pytest.raises(HvBackupError):
+        with disks.open(path) as d:
+            d.read(0, 4096)
+
+
+def test_searching_a_forged_log_is_fast():
+    """Every 4 KiB of a 64 MiB log claims to start an entry as long as the log: each claim is
+    refused by its descriptors before the long read and checksum it asks for."""
+    from hvbackup.disks.vhdx.replay import MAX_LOG_LENGTH, find_active_sequence
+
+    guid = uuid.uuid4()
+    head = bytearray(4096)
+    struct.pack_into("<4sIIIQII16sQQ", head, 0, b"loge", 0, MAX_LOG_LENGTH, 0, 5, 126, 0, guid.bytes_le, 0, 0)
+    started = time.monotonic()
+    with pytest.raises(DiskFormatError, match="no valid log sequence"):
+        find_active_sequence(bytes(head) * (MAX_LOG_LENGTH // 4096), guid)
+    assert time.monotonic() - started < 20

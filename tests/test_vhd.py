@@ -20,6 +20,7 @@ from hypothesis.stateful import initialize, invariant
 from hvbackup import disks
 from hvbackup.disks import ExtentState, parents
 from hvbackup.disks.vhd import VhdDisk, create_vhd
+from hvbackup.disks.vhd import disk as diskmod
 from hvbackup.disks.vhd.dynamic_header import DynamicHeader
 from hvbackup.disks.vhd.footer import MAX_DISK_SIZE, Footer
 from hvbackup.disks.vhd.geometry import MAX_GEOMETRY, geometry_for_size, geometry_sectors, standard_geometry
@@ -686,3 +687,53 @@ def test_random_damage_never_escapes_as_another_error(target, offset, value, cou
             list(disk.extents())
             disk.write(100 * 512, b"w" * 512)
             assert disk.read(100 * 512, 512) == b"w" * 512
+
+
+def test_guest_data_that_looks_like_a_footer_never_ends_the_file(tmp_path, monkeypatch):
+    """A block is appended where the old footer was. If the process dies before the new footer is
+    written and the block ends in a sector that is a valid fixed-disk footer, that sector must not
+    become the file's footer: hvbackup writes the new footer first."""
+    path = str(tmp_path / "d.vhd")
+    create_vhd(path, 4 * MiB, disk_type="dynamic", block_size=64 * KiB)
+    lookalike = Footer(disk_type=2, current_size=MiB, geometry=(1, 1, 1), unique_id=uuid.uuid4()).pack()
+
+    class Crash(Exception):
+        pass
+
+    real_write = diskmod.write_at
+
+    def crash_after_the_data(fd, data, offset):
+        real_write(fd, data, offset)
+        if bytes(data) == lookalike:
+            raise Crash
+    with VhdDisk.open(path) as disk:
+        monkeypatch.setattr(diskmod, "write_at", crash_after_the_data)
+        with pytest.raises(Crash):
+            disk.write(64 * KiB - 512, lookalike)  # the last sector of the first block
+        monkeypatch.undo()
+        disk._release()
+        disk.closed = True
+    with VhdDisk.open(path, read_only=True) as disk:
+        assert disk.disk_type == "dynamic" and disk.size == 4 * MiB
+
+
+def test_a_huge_declared_bat_in_a_sparse_file_is_not_read_whole(tmp_path):
+    """The table may declare far more entries than the disk uses; only the used ones are read."""
+    import time
+    import tracemalloc
+
+    path = str(tmp_path / "d.vhd")
+    create_vhd(path, 64 * MiB, disk_type="dynamic")
+    rewrite_header(path, max_table_entries=1 << 28)
+    with open(path, "r+b") as f:  # room for the declared table, as holes, then the footer again
+        footer = f.read(512)
+        f.truncate(2 << 30)
+        f.seek(0, os.SEEK_END)
+        f.write(footer)
+    tracemalloc.start()
+    started = time.monotonic()
+    with VhdDisk.open(path, read_only=True) as disk:
+        assert disk.read(0, 512) == bytes(512)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 16 * MiB and time.monotonic() - started < 5

@@ -221,3 +221,66 @@ def test_many_metadata_pages_commit_in_several_entries(tmp_path):
     with disks.open(tmp_path / "c.vhdx", read_only=True) as c:
         for offset in range(0, 2 << 30, 8 * MiB):
             assert c.read(offset, 513) == b"s" * 512 + b"\0"
+
+
+def test_a_torn_entry_after_the_log_wraps_never_brings_back_an_older_one(tmp_path, monkeypatch):
+    """Entries too large to fit twice in the 1 MiB log: the second wraps onto the first. A crash
+    tearing it must leave the first's updates (and everything flushed before) in place."""
+    from hvbackup.disks.vhdx import journal
+
+    base = tmp_path / "base.vhdx"
+    disks.create(base, 8 << 30, block_size=MiB).close()
+    child = tmp_path / "child.vhdx"
+    disk = disks.create(child, type="differencing", parent=base, block_size=MiB)
+    stride = 16 * MiB  # one sector bitmap page of 512-byte sectors covers 16 MiB
+    for round_no in range(6):  # small commits first: older entries of the same log GUID
+        disk.write(round_no * 512, bytes([round_no + 1]) * 512)
+        disk.flush()
+    for i in range(150):  # one big commit: a bitmap page and a BAT entry per region
+        disk.write(i * stride + 8192, b"A" * 512)
+    disk.flush()
+    for i in range(150):
+        disk.write(i * stride + 16384, b"B" * 512)
+
+    def torn(fd, data, offset):
+        if MiB <= offset < 2 * MiB and len(data) > 256 * 1024:  # the big log entry
+            os.pwrite(fd, memoryview(data)[:len(data) // 2], offset)
+            raise _Crash
+        journal_write(fd, data, offset)
+
+    journal_write = journal.write_at
+    monkeypatch.setattr(journal, "write_at", torn)
+    with pytest.raises(_Crash):
+        disk.flush()
+    os.close(disk._fd)
+    disk.closed = True
+    monkeypatch.undo()
+    for read_only in (True, False):
+        with disks.open(child, read_only=read_only) as d:
+            assert d.read(0, 6 * 512) == b"".join(bytes([n + 1]) * 512 for n in range(6))
+            for i in range(150):
+                assert d.read(i * stride + 8192, 512) == b"A" * 512
+
+
+def test_a_windows_drive_path_survives_a_writable_open(tmp_path):
+    """A chain copied from Windows: its drive-letter absolute path cannot resolve here and is left
+    as it is; the stale relative path is rewritten to the parent actually found (next to the child)."""
+    import dataclasses
+
+    from hvbackup.disks.vhdx.locator import ParentLocator
+
+    base, child = tmp_path / "base.vhdx", tmp_path / "child.vhdx"
+    disks.create(base, 4 * MiB).close()
+    disks.create(child, type="differencing", parent=base).close()
+    windows = {"relative_path": "..\\Old\\base.vhdx", "absolute_win32_path": "\\\\?\\C:\\VMs\\base.vhdx"}
+    with VhdxDisk.open(str(child), read_only=True) as c:
+        linkage = c.metadata.parent_locator.entries["parent_linkage"]
+    with VhdxDisk.open(str(child)) as c:
+        locator = ParentLocator({"parent_linkage": linkage, **windows})
+        c._rewrite_metadata(dataclasses.replace(c.metadata, parent_locator=locator))
+    with disks.open(child) as c:
+        assert c.parent.path == str(base)
+    with VhdxDisk.open(str(child), read_only=True) as c:
+        entries = c.metadata.parent_locator.entries
+        assert entries["relative_path"] == "base.vhdx"
+        assert entries["absolute_win32_path"] == windows["absolute_win32_path"]

@@ -90,6 +90,7 @@ class BlockDevice(abc.ABC):
         return coalesce(self._extents(offset, offset + length))
 
     def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
         buffer = bytearray(length)
         self.readinto(offset, buffer)
         return bytes(buffer)

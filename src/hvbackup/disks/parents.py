@@ -32,6 +32,13 @@ def absolute_path(parent_path: str) -> str:
     return os.path.abspath(parent_path).replace(os.sep, "\\")
 
 
+def is_windows_drive_path(absolute: str) -> bool:
+    """True for a drive-letter or UNC path, which only a Windows host resolves."""
+    if absolute.startswith(_EXTENDED_PREFIX):
+        absolute = absolute[len(_EXTENDED_PREFIX):]
+    return bool(ntpath.splitdrive(absolute)[0])
+
+
 def candidates(child_path: str, relative: str | None, absolute: str | None, name: str | None = None) -> list[str]:
     """Host paths to try, in order: the relative path, the absolute one, then ``name`` (the parent's
     file name) next to the child."""
@@ -42,11 +49,10 @@ def candidates(child_path: str, relative: str | None, absolute: str | None, name
     if absolute:
         if absolute.startswith(_EXTENDED_PREFIX):
             absolute = absolute[len(_EXTENDED_PREFIX):]
-        drive, rest = ntpath.splitdrive(absolute)
-        if drive:
-            found.append(os.path.join(child_dir, ntpath.basename(rest)))
+        if is_windows_drive_path(absolute):
+            found.append(os.path.join(child_dir, ntpath.basename(absolute)))
         else:
-            found.append(os.path.normpath(rest.replace("\\", "/")))
+            found.append(os.path.normpath(absolute.replace("\\", "/")))
     if name:
         found.append(os.path.join(child_dir, ntpath.basename(name)))
     return list(dict.fromkeys(found))
@@ -67,7 +73,7 @@ def open_parent(
     """
     if len(chain) > MAX_CHAIN_DEPTH:
         raise ParentError(f"{child_path}: the differencing chain is deeper than {MAX_CHAIN_DEPTH}")
-    mismatched = None
+    mismatched = unusable = None
     for candidate in tried:
         if not os.path.isfile(candidate):
             continue
@@ -77,12 +83,15 @@ def open_parent(
             parent = open_read_only(candidate, chain)
         except ParentError:
             raise
-        except DiskError as exc:
-            raise ParentError(f"{child_path}: parent {candidate} cannot be used: {exc}") from None
+        except DiskError as exc:  # a damaged file at one path: another path may still find the parent
+            unusable = unusable or f"{child_path}: parent {candidate} cannot be used: {exc}"
+            continue
         if identity(parent) in wanted:
             return parent, candidate
         mismatched = (candidate, identity(parent))
         parent.close()
+    if unusable and not mismatched:
+        raise ParentError(unusable)
     if mismatched:
         raise ParentError(
             f"{child_path}: parent {mismatched[0]} has {what} {mismatched[1]}, but the child was made from "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from hvbackup.disks.vhdx.header import OFFSETS as HEADER_OFFSETS
-from hvbackup.disks.vhdx.header import SIGNATURE as HEADER_SIGNATURE
+from hvbackup.disks.vhdx.header import SIZE as HEADER_SIZE
+from hvbackup.disks.vhdx.header import Header
 from hvbackup.disks.vhdx.identifier import SIGNATURE as VHDX_SIGNATURE
 from hvbackup.errors import DiskError, DiskFormatError
 
@@ -38,9 +39,10 @@ def detect_format(path: str) -> str:
 
 
 def _has_vhdx_headers(f) -> bool:
-    """A VHDX whose file type identifier was overwritten still has "head" at 64 or 128 KiB."""
+    """A VHDX whose file type identifier was overwritten still has a valid header (signature and
+    checksum) at 64 or 128 KiB; a raw image practically never does."""
     for offset in HEADER_OFFSETS:
         f.seek(offset)
-        if f.read(4) == HEADER_SIGNATURE:
+        if Header.unpack(f.read(HEADER_SIZE).ljust(HEADER_SIZE, b"\0")) is not None:
             return True
     return False

@@ -15,6 +15,7 @@ from hvbackup.errors import DiskFormatError
 
 UNALLOCATED = 0xFFFFFFFF
 SECTOR = 512
+MAX_ENTRIES = 1 << 24  # 64 MiB of table in memory: 32 TiB of disk at the default 2 MiB blocks
 
 
 class Bat:
@@ -25,9 +26,12 @@ class Bat:
         self.bitmap_size = header.bitmap_size
 
     @classmethod
-    def read(cls, fd: int, header: DynamicHeader) -> Bat:
-        """Read the table; the caller has bounded its length by the file size (check_fits)."""
-        raw = read_exact(fd, header.table_length, header.table_offset, "BAT")
+    def read(cls, fd: int, header: DynamicHeader, disk_size: int) -> Bat:
+        """Read the entries the disk uses (the table may declare more; those are never touched)."""
+        count = -(-disk_size // header.block_size)
+        if count > MAX_ENTRIES:
+            raise DiskFormatError(f"a disk of {count} blocks needs a BAT larger than the {MAX_ENTRIES} entries allowed")
+        raw = read_exact(fd, 4 * count, header.table_offset, "BAT")
         return cls(np.frombuffer(raw, dtype=">u4").copy(), header)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hvbackup.disks import bitruns
 from hvbackup.disks.fileio import read_exact, write_at
 
 SECTOR = 512
@@ -32,16 +33,12 @@ class SectorBitmaps:
 
     def runs(self, location: int, first: int, count: int) -> list[tuple[bool, int, int]]:
         """(present, first sector, sector count) runs covering sectors [first, first+count)."""
-        bits = _unpack(self._load(location), first, count)
-        edges = np.flatnonzero(np.diff(bits)) + 1
-        starts = np.concatenate(([0], edges))
-        ends = np.concatenate((edges, [count]))
-        return [(bool(bits[s]), first + int(s), int(e - s)) for s, e in zip(starts, ends)]
+        return bitruns.runs(self._load(location), first, count, "big")
 
     def mark(self, location: int, first: int, count: int) -> None:
         """Set the bits of sectors [first, first+count) of a block already in the file."""
         bits = self._load(location)
-        if _set_bits(bits, first, count):
+        if bitruns.set_range(bits, first, count, "big"):
             lo, hi = first // (8 * SECTOR), -(-(first + count) // (8 * SECTOR))
             lo_old, hi_old = self._dirty.get(location, (lo, hi))
             self._dirty[location] = (min(lo, lo_old), max(hi, hi_old))
@@ -53,7 +50,7 @@ class SectorBitmaps:
             bits = np.full(self._size, 0xFF, dtype=np.uint8)
         else:
             bits = np.zeros(self._size, dtype=np.uint8)
-            _set_bits(bits, first, count)
+            bitruns.set_range(bits, first, count, "big")
         self._bits[location] = bits
         self._dirty.pop(location, None)
         return bits.tobytes()
@@ -67,19 +64,3 @@ class SectorBitmaps:
             write_at(self._fd, self._bits[location][lo * SECTOR:hi * SECTOR], location + lo * SECTOR)
         self._dirty.clear()
 
-
-def _unpack(bits: np.ndarray, first: int, count: int) -> np.ndarray:
-    lo, hi = first // 8, -(-(first + count) // 8)
-    return np.unpackbits(bits[lo:hi])[first - lo * 8:first - lo * 8 + count]
-
-
-def _set_bits(bits: np.ndarray, first: int, count: int) -> bool:
-    """Set sectors [first, first+count); True if any bit changed."""
-    lo, hi = first // 8, -(-(first + count) // 8)
-    unpacked = np.unpackbits(bits[lo:hi])
-    span = unpacked[first - lo * 8:first - lo * 8 + count]
-    if span.all():
-        return False
-    span[:] = 1
-    bits[lo:hi] = np.packbits(unpacked)
-    return True

@@ -12,10 +12,10 @@ geometry down from the size) hvbackup shows a few more trailing sectors than qem
 VHD has no log, so writes are ordered such that a crash at any instant leaves a valid file in which
 every flushed write is present:
 
-* new blocks (bitmap, then data) go where the trailing footer was, then the footer moves past them,
-  then the file is flushed, and only then do BAT entries point at the blocks. A crash leaves either
-  the old entries (the space at the end is unused and is reused) or complete blocks. A crash before
-  the footer moved leaves no footer at the end; the footer copy at offset 0 stands in for it;
+* the footer is first written where the new blocks will end, then the blocks (bitmap, then data)
+  go where the old footer was, then the file is flushed, and only then do BAT entries point at the
+  blocks. A crash leaves either the old entries (the space at the end is unused and is reused) or
+  complete blocks, and the file always ends in a footer hvbackup wrote, never in guest data;
 * bits set in the bitmap of a block already in the file are written at ``flush()``, after the data
   they reveal is durable.
 """
@@ -86,7 +86,7 @@ class VhdDisk(FileDisk):
         header.check_fits(self.size, file_size)
         self.header = header
         self.block_size = header.block_size
-        self.bat = Bat.read(self._fd, header)
+        self.bat = Bat.read(self._fd, header, self.size)
         structures = [
             (0, footermod.SIZE, "footer copy"),
             (self.footer.data_offset, dynamic_header.SIZE, "dynamic disk header"),
@@ -94,8 +94,13 @@ class VhdDisk(FileDisk):
         ]
         self.parent_paths: dict[str, str] = {}
         if self.footer.disk_type == DIFFERENCING:
-            self.parent_paths, used = read_locator_paths(self._fd, header.locators, file_size)
-            structures += [(e.data_offset, e.data_length, "parent locator data") for e in used]
+            self.parent_paths = read_locator_paths(self._fd, header.locators, file_size)
+        # Every locator's data occupies the file, read or not (other platforms' paths included), so
+        # new blocks never go over it.
+        structures += [
+            (e.data_offset, e.data_length, "parent locator data") for e in header.locators
+            if e.platform_code != bytes(4) and e.data_length and e.data_offset + e.data_length <= file_size
+        ]
         metadata_end = max(offset + length for offset, length, _ in structures)
         if trailing:
             structures.append((data_end, trailing, "footer"))
@@ -224,6 +229,9 @@ class VhdDisk(FileDisk):
                 os.ftruncate(self._fd, start)
         except OSError as exc:
             raise DiskError(f"{self.path}: cannot resize the file: {exc.strerror}") from exc
+        # The footer first: until the blocks are complete the file must still end in a real footer,
+        # not in guest data that could pass for one.
+        write_at(self._fd, self._footer_bytes, end)
         locations = []
         for i, (_block, within, take, piece) in enumerate(new):
             location = start + i * stride
@@ -234,7 +242,6 @@ class VhdDisk(FileDisk):
             if piece is not None:
                 write_at(self._fd, piece, location + self.bat.bitmap_size + within)
             locations.append(location)
-        write_at(self._fd, self._footer_bytes, end)
         sync_data(self._fd)
         self._next_free = end
         table_offset, table = self.bat.assign([entry[0] for entry in new], locations)

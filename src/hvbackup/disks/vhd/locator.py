@@ -47,13 +47,9 @@ class LocatorEntry:
         return cls(platform_code, round_up(len(data), 512) // 512, len(data), offset)
 
 
-def read_locator_paths(
-    fd: int, entries: tuple[LocatorEntry, ...], file_size: int
-) -> tuple[dict[str, str], list[LocatorEntry]]:
-    """{"relative_path": ..., "absolute_win32_path": ...} from the first W2ru and W2ku entries, and
-    the entries read (their data occupies the file)."""
+def read_locator_paths(fd: int, entries: tuple[LocatorEntry, ...], file_size: int) -> dict[str, str]:
+    """{"relative_path": ..., "absolute_win32_path": ...} from the first W2ru and W2ku entries."""
     paths: dict[str, str] = {}
-    used: list[LocatorEntry] = []
     for entry in entries:
         key = PATH_KEYS.get(entry.platform_code)
         if key is None or key in paths:
@@ -73,8 +69,7 @@ def read_locator_paths(
             raise DiskFormatError(f"parent locator {name} holds a NUL inside its path")
         if text:
             paths[key] = text
-            used.append(entry)
-    return paths, used
+    return paths
 
 
 def windows_paths(child_path: str, parent_path: str) -> dict[bytes, str]:

@@ -39,16 +39,6 @@ MAX_VIRTUAL_SIZE = 64 << 40
 MIN_BLOCK_SIZE = MiB
 MAX_BLOCK_SIZE = 256 * MiB
 
-_STATE_NAMES = {
-    NOT_PRESENT: "NOT_PRESENT", UNDEFINED: "UNDEFINED", ZERO: "ZERO", UNMAPPED: "UNMAPPED",
-    UNMAPPED_V095: "UNMAPPED", FULLY_PRESENT: "FULLY_PRESENT", PARTIALLY_PRESENT: "PARTIALLY_PRESENT",
-}
-
-
-def state_name(state: int) -> str:
-    return _STATE_NAMES.get(state, f"reserved state {state}")
-
-
 def entry(state: int, file_offset: int = 0) -> int:
     return (file_offset // MiB) << OFFSET_SHIFT | state
 
@@ -76,10 +66,6 @@ class Geometry:
     @cached_property
     def chunk_ratio(self) -> int:
         return SECTORS_PER_BITMAP_BLOCK * self.logical_sector_size // self.block_size
-
-    @cached_property
-    def chunk_size(self) -> int:
-        return SECTORS_PER_BITMAP_BLOCK * self.logical_sector_size
 
     @cached_property
     def data_blocks(self) -> int:

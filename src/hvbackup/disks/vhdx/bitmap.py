@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from hvbackup.disks import bitruns
 from hvbackup.disks.fileio import MiB
 from hvbackup.disks.vhdx.bat import PAGE
 
@@ -42,24 +43,14 @@ class SectorBitmaps:
     def runs(self, chunk: int, file_offset: int, first: int, count: int) -> list[tuple[bool, int, int]]:
         """(present, first sector, sector count) runs covering sectors [first, first+count) of the
         chunk, in order."""
-        bits = self._sector_bits(self._bits(chunk, file_offset), first, count)
-        edges = np.flatnonzero(np.diff(bits)) + 1
-        starts = np.concatenate(([0], edges))
-        ends = np.concatenate((edges, [count]))
-        return [(bool(bits[s]), first + int(s), int(e - s)) for s, e in zip(starts, ends)]
-
-    def all_present(self, chunk: int, file_offset: int, first: int, count: int) -> bool:
-        return bool(self._sector_bits(self._bits(chunk, file_offset), first, count).all())
+        return bitruns.runs(self._bits(chunk, file_offset), first, count, "little")
 
     def mark_present(self, chunk: int, file_offset: int, first: int, count: int) -> None:
         """Set the bits of sectors [first, first+count)."""
-        bits = self._bits(chunk, file_offset)
-        lo, hi = first // 8, -(-(first + count) // 8)
-        unpacked = np.unpackbits(bits[lo:hi], bitorder="little")
-        unpacked[first - lo * 8:first - lo * 8 + count] = 1
-        bits[lo:hi] = np.packbits(unpacked, bitorder="little")
-        for page in range(lo // PAGE, (hi - 1) // PAGE + 1):
-            self.dirty_pages.add((chunk, page))
+        if bitruns.set_range(self._bits(chunk, file_offset), first, count, "little"):
+            first_byte, last_byte = first // 8, (first + count - 1) // 8
+            for page in range(first_byte // PAGE, last_byte // PAGE + 1):
+                self.dirty_pages.add((chunk, page))
 
     def pages_to_commit(self) -> list[tuple[int, bytes]]:
         pages = []
@@ -67,9 +58,3 @@ class SectorBitmaps:
             file_offset, bits = self._blocks[chunk]
             pages.append((file_offset + page * PAGE, bits[page * PAGE:(page + 1) * PAGE].tobytes()))
         return pages
-
-    @staticmethod
-    def _sector_bits(bits: np.ndarray, first: int, count: int) -> np.ndarray:
-        lo, hi = first // 8, -(-(first + count) // 8)
-        unpacked = np.unpackbits(bits[lo:hi], bitorder="little")
-        return unpacked[first - lo * 8:first - lo * 8 + count]

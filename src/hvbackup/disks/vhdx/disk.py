@@ -63,7 +63,16 @@ class VhdxDisk(FileDisk):
             raise DiskFormatError("file is truncated: shorter than the 1 MiB VHDX header section")
         self.creator = identifier.FileTypeIdentifier.unpack(os.pread(fd, 520, 0)).creator
         self.headers = HeaderSet.read(fd)
-        self.log_pending = self.headers.current.log_pending
+        header = self.headers.current
+        if header.log_offset + header.log_length > file_size:
+            raise DiskFormatError("file is truncated: the VHDX log lies past the end of the file")
+        if not read_only and (header.log_version != 0 or not header.log_length):
+            # Writes go through the log: without one of a version we write, only reading is safe.
+            raise DiskFormatError(
+                f"the file has {'log version ' + str(header.log_version) if header.log_length else 'no log'}; "
+                "it can be opened read-only only"
+            )
+        self.log_pending = header.log_pending
         self._overlay = Overlay()
         if self.log_pending:
             entries = read_active_sequence(
@@ -86,8 +95,7 @@ class VhdxDisk(FileDisk):
             self._open_parent(chain)
         self._bitmaps = SectorBitmaps(lambda off: self._read_meta(off, BITMAP_BLOCK))
         self._journal = None if read_only else Journal(fd, self.headers)
-        header = self.headers.current
-        self._next_free = round_up(max(file_size, header.log_offset + header.log_length), MiB)
+        self._next_free = round_up(file_size, MiB)
         self._visible_change_made = False
         self._next_data_write_guid: uuid.UUID | None = None
         self._unflushed = False
@@ -188,8 +196,13 @@ class VhdxDisk(FileDisk):
     def _refresh_stale_parent_paths(self) -> None:
         """2.6.2.6.3: after a chain opens, point stale path entries at the parent actually used."""
         entries = dict(self.metadata.parent_locator.entries)
-        fresh = path_entries(self.path, self.parent_found_at)
-        if all(entries.get(k) == v for k, v in fresh.items()):
+        fresh = {
+            key: value for key, value in path_entries(self.path, self.parent_found_at).items()
+            if entries.get(key) != value
+            # A drive-letter path is left for the Windows hosts that can resolve it.
+            and not (key == "absolute_win32_path" and parents.is_windows_drive_path(entries.get(key, "")))
+        }
+        if not fresh:
             return
         entries.update(fresh)
         self._rewrite_metadata(dataclasses.replace(self.metadata, parent_locator=ParentLocator(entries)))

@@ -7,9 +7,13 @@ A commit is one log entry holding the new contents of every dirty 4 KiB metadata
 3. write each page to its final place and flush.
 
 Each entry's tail points at itself: an entry is applied before the next is written, so the newest
-valid entry alone describes everything not yet known to be in place. A session's first entry is
-written before the header's LogGuid names it, so a header never points at a log without a valid
-sequence; a clean close sets LogGuid back to zero.
+valid entry alone describes everything not yet known to be in place — as long as it survives.
+Entries go one after another round the ring; when the next one would overwrite the newest (a large
+entry after a wrap), the log is first marked empty (LogGuid zero: everything is applied) and a new
+LogGuid begins, because a torn overwrite would otherwise leave an older, long-applied entry of the
+same GUID as the newest valid one, and replaying it would undo later updates. A GUID's first entry
+is written before the header names it, so a header never points at a log without a valid sequence;
+a clean close sets LogGuid back to zero.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Journal:
         self._position = 0
         self._sequence = 0
         self._guid = uuid.uuid4()
+        self._newest: tuple[int, int] | None = None  # (position, length) of the entry a crash replays
 
     def commit(self, pages: list[tuple[int, bytes]], last_file_offset: int) -> None:
         """Make ``pages`` (file offset, 4 KiB contents) durable at their final places, atomically."""
@@ -53,6 +58,8 @@ class Journal:
         length = entry_length(len(pages))
         if self._position + length > self._length:
             self._position = 0
+        if self._newest and self._position < sum(self._newest) and self._newest[0] < self._position + length:
+            self._start_new_guid()
         self._sequence += 1
         entry = build_entry(
             sequence=self._sequence,
@@ -66,8 +73,16 @@ class Journal:
         sync_data(self._fd)
         if self._headers.current.log_guid != self._guid:
             self._headers.update(log_guid=self._guid)
+        self._newest = (self._position, length)
         self._position += length
         self._apply(pages)
+
+    def _start_new_guid(self) -> None:
+        """Retire every entry written so far (all are applied and flushed) before overwriting one."""
+        self._headers.update(log_guid=NULL_GUID)
+        self._guid = uuid.uuid4()
+        self._sequence = 0
+        self._newest = None
 
     def _apply(self, pages: list[tuple[int, bytes]]) -> None:
         for offset, page in sorted(pages):

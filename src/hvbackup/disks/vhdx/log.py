@@ -33,8 +33,11 @@ _DESCRIPTOR_SIZE = 32
 _FIRST_SECTOR_DESCRIPTORS = (SECTOR - _ENTRY_HEADER.size) // _DESCRIPTOR_SIZE  # 126
 _LATER_SECTOR_DESCRIPTORS = SECTOR // _DESCRIPTOR_SIZE                          # 128
 
-# A zero descriptor may not reach past this file offset: 64 TiB of payload plus generous metadata.
+# No log field may reach past this file offset: 64 TiB of payload plus generous metadata.
 MAX_FILE_OFFSET = 1 << 47
+# An entry may be longer than its descriptor and data sectors (2.3.1 allows larger alignment); at
+# most by this much, so a forged length cannot make every candidate in a search a huge read.
+MAX_ENTRY_PADDING = 64 * 1024
 
 
 def descriptor_sectors(count: int) -> int:
@@ -43,8 +46,9 @@ def descriptor_sectors(count: int) -> int:
     return 1 + -(-(count - _FIRST_SECTOR_DESCRIPTORS) // _LATER_SECTOR_DESCRIPTORS)
 
 
-def entry_length(data_sectors: int, zero_ranges: int = 0) -> int:
-    return (descriptor_sectors(data_sectors + zero_ranges) + data_sectors) * SECTOR
+def entry_length(data_sectors: int) -> int:
+    """Bytes of an entry carrying ``data_sectors`` pages and no zero descriptors."""
+    return (descriptor_sectors(data_sectors) + data_sectors) * SECTOR
 
 
 @dataclass
@@ -110,7 +114,9 @@ def parse_entry(
     read: Callable[[int, int], bytes], position: int, log_length: int, log_guid: uuid.UUID
 ) -> LogEntry | None:
     """The valid entry at ``position`` of the ring, or None. ``read(pos, n)`` reads the ring,
-    wrapping at its end. Every field is checked before it is used as a length or offset."""
+    wrapping at its end. Every field is checked before it is used as a length or offset, and the
+    cheap checks (header, then descriptors) come before reading and checksumming the whole entry,
+    so a log full of plausible headers costs little to search."""
     head = read(position, SECTOR)
     (signature, checksum, length, tail, sequence, count, reserved, guid, flushed, last) = (
         _ENTRY_HEADER.unpack_from(head)
@@ -119,39 +125,55 @@ def parse_entry(
         return None
     if length % SECTOR or not SECTOR <= length <= log_length or tail % SECTOR or tail >= log_length:
         return None
-    if flushed % MiB or last % MiB:
+    if flushed % MiB or last % MiB or flushed > MAX_FILE_OFFSET or last > MAX_FILE_OFFSET:
         return None
     desc_sectors = descriptor_sectors(count)
     if desc_sectors * SECTOR > length:
+        return None
+    descriptors = _read_descriptors(read(position, desc_sectors * SECTOR), count, sequence)
+    if descriptors is None:
+        return None
+    needed = (desc_sectors + sum(1 for kind, *_ in descriptors if kind == DATA_DESCRIPTOR_SIGNATURE)) * SECTOR
+    if not needed <= length <= needed + MAX_ENTRY_PADDING:
         return None
     data = read(position, length)
     if checksum != crc32c_with_zeroed_field(data, 4):
         return None
     entry = LogEntry(position, length, tail, sequence, flushed, last)
     high, low = _sequence_halves(sequence)
-    data_index = desc_sectors
+    start = desc_sectors * SECTOR
+    for kind, file_offset, extra in descriptors:
+        if kind == ZERO_SIGNATURE:
+            entry.updates.append((file_offset, None, extra))
+            continue
+        sector = data[start:start + SECTOR]
+        if sector[:4] != DATA_SECTOR_SIGNATURE or sector[4:8] != high or sector[4092:] != low:
+            return None
+        leading, trailing = extra
+        entry.updates.append((file_offset, leading + sector[8:4092] + trailing, SECTOR))
+        start += SECTOR
+    return entry
+
+
+def _read_descriptors(sectors: bytes, count: int, sequence: int) -> list[tuple] | None:
+    """2.3.1.2 and 2.3.1.3: (kind, file offset, zero length | (leading, trailing bytes)) for each
+    descriptor, or None if any is malformed or belongs to another entry."""
+    found = []
     for i in range(count):
         off = _descriptor_offset(i)
-        kind = data[off:off + 4]
+        kind = sectors[off:off + 4]
         if kind == ZERO_SIGNATURE:
-            _sig, reserved, zero_length, file_offset, seq = _ZERO_DESCRIPTOR.unpack_from(data, off)
+            _sig, reserved, zero_length, file_offset, seq = _ZERO_DESCRIPTOR.unpack_from(sectors, off)
             if reserved or seq != sequence or zero_length % SECTOR or file_offset % SECTOR:
                 return None
             if file_offset + zero_length > MAX_FILE_OFFSET:
                 return None
-            entry.updates.append((file_offset, None, zero_length))
+            found.append((kind, file_offset, zero_length))
         elif kind == DATA_DESCRIPTOR_SIGNATURE:
-            _sig, trailing, leading, file_offset, seq = _DATA_DESCRIPTOR.unpack_from(data, off)
+            _sig, trailing, leading, file_offset, seq = _DATA_DESCRIPTOR.unpack_from(sectors, off)
             if seq != sequence or file_offset % SECTOR or file_offset > MAX_FILE_OFFSET:
                 return None
-            start = data_index * SECTOR
-            if start + SECTOR > length:
-                return None
-            sector = data[start:start + SECTOR]
-            if sector[:4] != DATA_SECTOR_SIGNATURE or sector[4:8] != high or sector[4092:] != low:
-                return None
-            entry.updates.append((file_offset, leading + sector[8:4092] + trailing, SECTOR))
-            data_index += 1
+            found.append((kind, file_offset, (leading, trailing)))
         else:
             return None
-    return entry
+    return found

@@ -144,13 +144,14 @@ class Metadata:
         """``read(offset, length)`` reads the metadata region."""
         entries = unpack_table(read(0, TABLE_SIZE), region_length)
         known: dict[uuid.UUID, bytes] = {}
+        entry_of: dict[uuid.UUID, MetadataEntry] = {}
         others = []
         for e in entries:
             data = read(e.offset, e.length) if e.length else b""
             if not e.is_user and e.item_id in _ITEM_NAMES:
                 if len(data) < _MIN_LENGTH[e.item_id]:
                     raise DiskFormatError(f"metadata item {e.name} is too short ({len(data)} bytes)")
-                known[e.item_id] = data
+                known[e.item_id], entry_of[e.item_id] = data, e
             elif e.is_required:
                 raise DiskFormatError(f"the file needs metadata item {e.item_id}, which this engine does not know")
             else:
@@ -164,6 +165,8 @@ class Metadata:
             if PARENT_LOCATOR not in known:
                 raise DiskFormatError("a differencing VHDX must have a parent locator")
             locator = ParentLocator.unpack(known[PARENT_LOCATOR])
+        elif PARENT_LOCATOR in known:  # not used without HasParent, but kept as it was
+            others.append((entry_of[PARENT_LOCATOR], known[PARENT_LOCATOR]))
         physical = _u32(known[PHYSICAL_SECTOR_SIZE])
         if physical not in (512, 4096):
             raise DiskFormatError(f"physical sector size {physical} is neither 512 nor 4096")

@@ -14,10 +14,11 @@ import uuid
 from hvbackup.disks.fileio import sync_data, write_at, write_zeros
 from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.log import SECTOR, LogEntry, parse_entry
-from hvbackup.errors import DiskFormatError
+from hvbackup.errors import DiskError, DiskFormatError
 
-# Logs are 1 MiB in practice; refuse to read absurd ones into memory.
-MAX_LOG_LENGTH = 1 << 30
+# Hyper-V, qemu and hvbackup make 1 MiB logs; a pending log larger than this is refused rather
+# than read into memory and searched.
+MAX_LOG_LENGTH = 64 << 20
 
 
 def find_active_sequence(ring: bytes, log_guid: uuid.UUID) -> list[LogEntry]:
@@ -80,17 +81,20 @@ def read_active_sequence(
 
 def replay_in_place(fd: int, entries: list[LogEntry]) -> None:
     """Write every update of the sequence to its final place and flush (2.3.3)."""
-    for entry in entries:
-        for offset, data, count in entry.updates:
-            if data is None:
-                if os.fstat(fd).st_size < offset + count:
-                    os.ftruncate(fd, offset + count)
-                write_zeros(fd, offset, count)
-            else:
-                write_at(fd, data, offset)
-    last = entries[-1].last_file_offset
-    if os.fstat(fd).st_size < last:
-        os.ftruncate(fd, last)
+    try:
+        for entry in entries:
+            for offset, data, count in entry.updates:
+                if data is None:
+                    if os.fstat(fd).st_size < offset + count:
+                        os.ftruncate(fd, offset + count)
+                    write_zeros(fd, offset, count)
+                else:
+                    write_at(fd, data, offset)
+        last = entries[-1].last_file_offset
+        if os.fstat(fd).st_size < last:
+            os.ftruncate(fd, last)
+    except OSError as exc:
+        raise DiskError(f"replaying the log failed: {exc.strerror}") from exc
     sync_data(fd)
 
 
@@ -103,6 +107,8 @@ class Overlay:
         for entry in entries or ():
             self._updates.extend(entry.updates)
             self.last_file_offset = max(self.last_file_offset, entry.last_file_offset)
+        self._low = min((u[0] for u in self._updates), default=0)
+        self._high = max((u[0] + u[2] for u in self._updates), default=0)
 
     def __bool__(self) -> bool:
         return bool(self._updates)
@@ -110,6 +116,8 @@ class Overlay:
     def patch(self, offset: int, buffer: memoryview) -> None:
         """Apply the updates, oldest first, to ``buffer`` holding file bytes read at ``offset``."""
         end = offset + len(buffer)
+        if end <= self._low or offset >= self._high:
+            return
         for start, data, count in self._updates:
             lo, hi = max(start, offset), min(start + count, end)
             if lo >= hi:
