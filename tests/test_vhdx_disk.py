@@ -143,17 +143,23 @@ class _Crash(Exception):
     pass
 
 
-def leave_log_pending(disk: VhdxDisk, monkeypatch) -> None:
-    """Stop a commit after its log entry is durable and named by the header, before the pages reach
-    their places; then drop the file as a killed process would."""
-    def crash(self, pages):
-        raise _Crash
-    monkeypatch.setattr(Journal, "_apply", crash)
+def flush_and_die(disk: VhdxDisk, monkeypatch) -> None:
+    """Flush with the patches in ``monkeypatch`` raising _Crash part way; then drop the file as a
+    killed process would, and lift the patches."""
     with pytest.raises(_Crash):
         disk.flush()
     os.close(disk._fd)
     disk.closed = True
     monkeypatch.undo()
+
+
+def leave_log_pending(disk: VhdxDisk, monkeypatch) -> None:
+    """Stop a commit after its log entry is durable and named by the header, before the pages reach
+    their places."""
+    def crash(self, pages):
+        raise _Crash
+    monkeypatch.setattr(Journal, "_apply", crash)
+    flush_and_die(disk, monkeypatch)
 
 
 def test_pending_log_replays_in_memory_read_only_and_in_place_read_write(tmp_path, monkeypatch):
@@ -250,11 +256,7 @@ def test_a_torn_entry_after_the_log_wraps_never_brings_back_an_older_one(tmp_pat
 
     journal_write = journal.write_at
     monkeypatch.setattr(journal, "write_at", torn)
-    with pytest.raises(_Crash):
-        disk.flush()
-    os.close(disk._fd)
-    disk.closed = True
-    monkeypatch.undo()
+    flush_and_die(disk, monkeypatch)
     for read_only in (True, False):
         with disks.open(child, read_only=read_only) as d:
             assert d.read(0, 6 * 512) == b"".join(bytes([n + 1]) * 512 for n in range(6))
