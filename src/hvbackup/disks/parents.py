@@ -32,11 +32,13 @@ def absolute_path(parent_path: str) -> str:
     return os.path.abspath(parent_path).replace(os.sep, "\\")
 
 
+def _without_prefix(path: str) -> str:
+    return path[len(_EXTENDED_PREFIX):] if path.startswith(_EXTENDED_PREFIX) else path
+
+
 def is_windows_drive_path(absolute: str) -> bool:
     """True for a drive-letter or UNC path, which only a Windows host resolves."""
-    if absolute.startswith(_EXTENDED_PREFIX):
-        absolute = absolute[len(_EXTENDED_PREFIX):]
-    return bool(ntpath.splitdrive(absolute)[0])
+    return bool(ntpath.splitdrive(_without_prefix(absolute))[0])
 
 
 def candidates(child_path: str, relative: str | None, absolute: str | None, name: str | None = None) -> list[str]:
@@ -47,8 +49,7 @@ def candidates(child_path: str, relative: str | None, absolute: str | None, name
     if relative:
         found.append(os.path.normpath(os.path.join(child_dir, *relative.replace("\\", "/").split("/"))))
     if absolute:
-        if absolute.startswith(_EXTENDED_PREFIX):
-            absolute = absolute[len(_EXTENDED_PREFIX):]
+        absolute = _without_prefix(absolute)
         if is_windows_drive_path(absolute):
             found.append(os.path.join(child_dir, ntpath.basename(absolute)))
         else:

@@ -68,10 +68,8 @@ class VhdxDisk(FileDisk):
             raise DiskFormatError("file is truncated: the VHDX log lies past the end of the file")
         if not read_only and (header.log_version != 0 or not header.log_length):
             # Writes go through the log: without one of a version we write, only reading is safe.
-            raise DiskFormatError(
-                f"the file has {'log version ' + str(header.log_version) if header.log_length else 'no log'}; "
-                "it can be opened read-only only"
-            )
+            log = f"log version {header.log_version}" if header.log_length else "no log"
+            raise DiskFormatError(f"the file has {log}; it can be opened read-only only")
         self.log_pending = header.log_pending
         self._overlay = Overlay()
         if self.log_pending:
