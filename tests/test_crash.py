@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -109,6 +110,7 @@ def test_sigkill_at_random_moments(tmp_path, kind, sample):
         child.send_signal(signal.SIGKILL)
         child.wait()
         _verify(path, kind, seed, ack)
+        shutil.rmtree(case)  # a full run makes thousands of cases; only a failing one is kept
 
 
 def _count_writes(tmp: Path, kind: str, seed: int) -> int:
@@ -133,3 +135,4 @@ def test_stop_at_chosen_writes(tmp_path, kind, sample, full):
             result = subprocess.run(_command(path, seed, str(case / "ack"), *extra), capture_output=True, text=True)
             assert result.returncode == 99, result.stderr
             _verify(path, kind, seed, str(case / "ack"))
+            shutil.rmtree(case)
