@@ -3,6 +3,8 @@
 The CLI turns any ``HvBackupError`` into one line on stderr and exit code 2; anything else is a bug.
 """
 
+from hvbackup.winerror import name_of
+
 
 class HvBackupError(Exception):
     """Base of every expected failure in hvbackup."""
@@ -22,3 +24,20 @@ class ParentError(DiskFormatError):
 
 class DiskBusyError(DiskError):
     """Another process has the disk open for writing."""
+
+
+class CodedError(HvBackupError):
+    """A failure that carries a Windows error code (``hvbackup.winerror``) for API-shaped callers."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def name(self) -> str:
+        return name_of(self.code)
+
+
+class TrackingError(CodedError):
+    """Change tracking cannot answer: disabled, lost, changed offline, or an ID it does not know.
+    Each of these tells a backup application to take a full backup."""

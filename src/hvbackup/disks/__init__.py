@@ -42,6 +42,11 @@ def create(
     if format == "vhdx":
         create_vhdx(path, size, disk_type=type, block_size=block_size, logical_sector_size=logical_sector_size,
                     physical_sector_size=physical_sector_size, parent_path=parent)
+        if parent is not None:
+            from hvbackup.tracking.chain import inherit  # tracking sits above this layer
+
+            with VhdxDisk.open(path) as child:
+                inherit(child)
     elif format == "vhd":
         if logical_sector_size != 512:
             raise DiskError("VHD disks have 512-byte sectors only")
@@ -55,10 +60,19 @@ def create(
     return open(path)
 
 
-def open(path: str | os.PathLike, *, read_only: bool = False) -> BlockDevice:
-    """Open a disk file of any supported format, with its parents if it is differencing."""
+def open(path: str | os.PathLike, *, read_only: bool = False, tracked: bool = True) -> BlockDevice:
+    """Open a disk file of any supported format, with its parents if it is differencing.
+
+    A VHDX with change tracking on, opened for writing, comes back wrapped in the tracking filter,
+    so no hvbackup writer misses recording a change. ``tracked=False`` is for the few operations
+    that update the side files themselves (a merge)."""
     path = os.fspath(path)
-    return _OPENERS[detect_format(path)](path, read_only=read_only)
+    disk = _OPENERS[detect_format(path)](path, read_only=read_only)
+    if tracked and not read_only and isinstance(disk, VhdxDisk):
+        from hvbackup.tracking.filter import TrackedDisk  # tracking sits above this layer
+
+        return TrackedDisk.open(disk)
+    return disk
 
 
 # The operations on whole disks; imported last because they use create() and open().

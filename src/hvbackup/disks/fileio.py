@@ -192,3 +192,23 @@ def sync_directory(directory: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Put ``data`` at ``path`` atomically: a crash leaves either the old file or the new one, whole."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            write_at(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        sync_directory(directory)
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot write: {exc.strerror}") from exc
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)

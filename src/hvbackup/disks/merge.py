@@ -33,10 +33,12 @@ def merge(child_path: str, *, progress: Progress | None = None) -> str:
     if is_vhdx and not resumed:
         with VhdxDisk.open(child_path) as child:
             child.add_parent_linkage2(next_guid)
-    with disks.open(parent_path) as parent, disks.open(child_path, read_only=True) as child:
+    with disks.open(parent_path, tracked=False) as parent, disks.open(child_path, read_only=True) as child:
+        own = [e for e in child.extents() if e.depth == 0]
+        handed = None
         if is_vhdx:
             parent.set_next_data_write_guid(next_guid)
-        own = [e for e in child.extents() if e.depth == 0]
+            handed = tracking_chain().begin_merge(child, parent, next_guid, own)
         for ext in own:
             if ext.state == ExtentState.ZERO:
                 parent.trim(ext.offset, ext.length)
@@ -44,6 +46,17 @@ def merge(child_path: str, *, progress: Progress | None = None) -> str:
         if is_vhdx:
             parent.adopt_virtual_disk_items(child.metadata)
         parent.flush()
+        if handed is not None:
+            tracking_chain().finish_merge(handed, parent)
     os.unlink(child_path)
+    if is_vhdx:
+        tracking_chain().remove_side_files(child_path)
     sync_directory(os.path.dirname(os.path.abspath(child_path)))
     return parent_path
+
+
+def tracking_chain():
+    """Change tracking hands the child's history to the parent; it sits above this layer."""
+    from hvbackup.tracking import chain
+
+    return chain

@@ -40,7 +40,7 @@ from hvbackup.disks.vhdx.bitmap import BITMAP_BLOCK, SectorBitmaps
 from hvbackup.disks.vhdx.header import NULL_GUID, HeaderSet
 from hvbackup.disks.vhdx.journal import Journal
 from hvbackup.disks.vhdx.locator import ParentLocator, format_linkage, path_entries
-from hvbackup.disks.vhdx.metadata import Metadata
+from hvbackup.disks.vhdx.metadata import Metadata, MetadataEntry
 from hvbackup.disks.vhdx.replay import Overlay, read_active_sequence, replay_in_place
 from hvbackup.errors import DiskError, DiskFormatError, ParentError
 
@@ -220,6 +220,18 @@ class VhdxDisk(FileDisk):
             self._prepare_change(visible=True)
             self._rewrite_metadata(adopted)
             self.disk_id = child.disk_id
+
+    def set_virtual_disk_item(self, item_id: uuid.UUID, data: bytes | None) -> None:
+        """Add, replace or (with None) remove an optional user item of the virtual disk: IsUser and
+        IsVirtualDisk, so new children copy it and a merge hands it to the parent (2.6.1.2)."""
+        self._check_writable()
+        kept = tuple((e, d) for e, d in self.metadata.other_items if not (e.is_user and e.item_id == item_id))
+        if data is not None:
+            kept += ((MetadataEntry(item_id, 0, len(data), is_user=True, is_virtual_disk=True), data),)
+        self._rewrite_metadata(dataclasses.replace(self.metadata, other_items=kept))
+
+    def virtual_disk_item(self, item_id: uuid.UUID) -> bytes | None:
+        return next((d for e, d in self.metadata.other_items if e.is_user and e.item_id == item_id), None)
 
     def repair(self) -> list[str]:
         """Rewrite redundant copies that are damaged; the log was already replayed by opening."""

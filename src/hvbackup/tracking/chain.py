@@ -1,0 +1,70 @@
+"""Tracking through differencing: a child continues its parent's history, and a merge hands the
+child's history back to the parent, so every ID issued before, during and after stays valid.
+
+A merge writes the child's data into the parent. Before the first of those writes, the parent's
+.mrt file marks every region the merge will touch and announces the parent's next DataWriteGuid,
+so a merge that stops half way leaves the parent over-reporting, never missing, and a resumed merge
+finishes the hand-over.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterable
+
+from hvbackup.disks.device import Extent
+from hvbackup.disks.vhdx.disk import VhdxDisk
+from hvbackup.tracking import mrtfile
+from hvbackup.tracking.mrtfile import MrtState, region_size_for
+from hvbackup.tracking.rctfile import RctState
+from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker
+from hvbackup.tracking.state import Condition, Tracking, load
+
+
+def _install(disk: VhdxDisk, rct: RctState, mrt: MrtState | None = None) -> None:
+    """Give ``disk`` the history ``rct`` as of its current DataWriteGuid, with ``mrt`` (or no marks)."""
+    rct.data_write_guid = disk.data_write_guid
+    rct.save(rct_path(disk.path))
+    region = region_size_for(disk.size, rct.changes.granularity)
+    mrtfile.create(mrt_path(disk.path), mrt or MrtState(rct.lineage, rct.last_sealed, disk.size, region))
+
+
+def inherit(child: VhdxDisk) -> None:
+    """A new child (which copied the parent's marker) takes the parent's history. If the parent's
+    tracking cannot answer, the child's is lost too and restarts at its first writer."""
+    parent = child.parent
+    if not isinstance(parent, VhdxDisk) or read_marker(child) is None:
+        return
+    tracking = load(parent)
+    if tracking.condition == Condition.ACTIVE and tracking.lineage == read_marker(child):
+        _install(child, tracking.rct)
+
+
+def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: Iterable[Extent]) -> Tracking | None:
+    """Before a merge writes into ``parent``: returns the child's tracking to hand over, or None."""
+    handed = load(child)
+    if handed.condition != Condition.ACTIVE:
+        return None
+    present = load(parent)
+    if present.condition == Condition.ACTIVE and present.lineage == handed.lineage:
+        mrt = MrtState(present.lineage, present.rct.last_sealed, parent.size,
+                       region_size_for(parent.size, present.rct.changes.granularity), pending_dwg=next_guid)
+        shift = mrt.region.bit_length() - 1
+        for ext in own:
+            first, last = ext.offset >> shift, (ext.end - 1) >> shift
+            mrt.marked[first:last + 1] = b"\1" * (last - first + 1)
+        mrtfile.create(mrt_path(parent.path), mrt)
+    return handed
+
+
+def finish_merge(handed: Tracking, parent: VhdxDisk) -> None:
+    """After the merge's data and metadata are durable in ``parent``: the parent takes the child's
+    history (a superset of its own), as of its new DataWriteGuid."""
+    _install(parent, handed.rct)
+
+
+def remove_side_files(disk_path: str) -> None:
+    for side in (rct_path(disk_path), mrt_path(disk_path)):
+        if os.path.exists(side):
+            os.unlink(side)

@@ -1,0 +1,141 @@
+"""The change-tracking filter: a block device over a writable VHDX that records every write and
+trim before passing it down.
+
+The order of one write: mark its region in the .mrt file (durably, only if not yet marked since the
+last save), stamp its granules in the in-memory map, then write the data. The first write of a
+session also announces, in the same .mrt commit, the DataWriteGuid the VHDX is about to take, so a
+crash afterwards is not mistaken for a foreign writer. Closing after writing seals a point.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Iterator
+
+from hvbackup.disks.device import BlockDevice, Extent
+from hvbackup.disks.vhdx.disk import VhdxDisk
+from hvbackup.tracking import lifecycle
+from hvbackup.tracking.ids import RctId
+from hvbackup.tracking.mrtfile import MrtWriter
+from hvbackup.tracking.sidefiles import mrt_path
+from hvbackup.tracking.state import Condition, Tracking, TrackingStatus
+
+
+class TrackedDisk(BlockDevice):
+    def __init__(self, inner: VhdxDisk, tracking: Tracking):
+        self.inner, self.tracking = inner, tracking
+        for name in ("format", "disk_type", "path", "size", "block_size", "logical_sector_size",
+                     "physical_sector_size", "disk_id", "parent", "read_only"):
+            setattr(self, name, getattr(inner, name))
+        self.closed = False
+        mrt = tracking.mrt
+        self._mrt = MrtWriter(mrt_path(inner.path), mrt.size, mrt.region)
+        self._region_shift = mrt.region.bit_length() - 1
+        self._session_announced = False
+        self._written_since_seal = False
+
+    @classmethod
+    def open(cls, inner: VhdxDisk) -> BlockDevice:
+        """Wrap a disk just opened for writing; a disk whose tracking is off is returned as it is."""
+        try:
+            tracking = lifecycle.open_for_writing(inner)
+            if tracking.condition == Condition.DISABLED:
+                return inner
+            return cls(inner, tracking)
+        except BaseException:
+            inner.close()
+            raise
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def _record(self, offset: int, length: int) -> None:
+        if not length:
+            return
+        mrt = self.tracking.mrt
+        first, last = offset >> self._region_shift, (offset + length - 1) >> self._region_shift
+        marked = mrt.marked
+        unmarked = not marked[first] or (last != first and not all(marked[first:last + 1]))
+        if unmarked or not self._session_announced:
+            if not self._session_announced:
+                mrt.pending_dwg = uuid.uuid4()
+                self.inner.set_next_data_write_guid(mrt.pending_dwg)
+            marked[first:last + 1] = b"\1" * (last - first + 1)
+            self._mrt.commit(mrt)
+            self._session_announced = True
+        rct = self.tracking.rct
+        rct.changes.stamp(offset, length, rct.last_sealed + 1)
+        self.tracking.newer_changes = self._written_since_seal = True
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self._check_writable()
+        self._check_range(offset, len(view))
+        self._record(offset, len(view))
+        self.inner.write(offset, view)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        self._record(offset, length)
+        self.inner.trim(offset, length)
+
+    # -- tracking --------------------------------------------------------------------------------
+
+    def seal(self) -> str:
+        """Seal a new point and return its ID: later queries against it return what is written after."""
+        self._check_range(0, 0)
+        lifecycle.save(self.inner, self.tracking, seal=True)
+        self._mrt.commit(self.tracking.mrt)
+        self._written_since_seal = False
+        return str(self.most_recent_id)
+
+    @property
+    def most_recent_id(self) -> RctId:
+        return self.tracking.most_recent_id
+
+    def status(self) -> TrackingStatus:
+        return self.tracking.status()
+
+    def query(self, change_id: str, offset: int, length: int, max_ranges: int = 1 << 20):
+        return self.tracking.query(change_id, offset, length, max_ranges)
+
+    # -- the rest passes through ---------------------------------------------------------------
+
+    def readinto(self, offset: int, buffer) -> None:
+        self.inner.readinto(offset, buffer)
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        self.inner.write(offset, data)
+
+    def _trim(self, offset: int, length: int) -> None:
+        self.inner.trim(offset, length)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def start_flush(self) -> None:
+        self.inner.start_flush()
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
+        return self.inner.extents(start, end - start)
+
+    @property
+    def write_alignment(self) -> int:
+        return self.inner.write_alignment
+
+    def info(self) -> dict:
+        return {**self.inner.info(), "change_tracking": self.status().to_dict()}
+
+    def _close(self) -> None:
+        try:
+            if self._written_since_seal:
+                self.seal()
+        finally:
+            self._mrt.close()
+            self.inner.close()
+
+    def __getattr__(self, name: str):
+        # Format-specific calls (data_write_guid, metadata, ...) reach the VHDX underneath.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

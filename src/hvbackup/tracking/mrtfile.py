@@ -1,0 +1,149 @@
+"""``NAME.vhdx.mrt``: the regions written since the last save of the .rct file.
+
+Before hvbackup writes into a region the map does not yet cover on disk, it marks the region here
+and makes the mark durable; only then does the data write start. After a crash, every granule of a
+marked region counts as changed, so a query can over-report (within marked regions) but never miss
+a write. Regions are coarse (64 MiB by default), so marking costs one fdatasync per region per save.
+
+Two slots of equal size alternate; a write goes to the older slot, so a torn write leaves the newer
+one intact. A slot (little-endian)::
+
+    0   8  magic "HVBKMRT\\0"       48  8  virtual size
+    8   4  format version (1)      56 16  DataWriteGuid the disk takes at its first write (or zero)
+    12  4  slot size               72  4  region count
+    16  8  generation              76  4  reserved, zero
+    24 16  lineage GUID            80     region bitmap, bit i = region i marked (LSB first)
+    40  4  base: the .rct's last sealed sequence these marks extend
+    44  4  region size (bytes)     80+n   CRC-32C of bytes 0..80+n
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+from crc32c import crc32c
+
+from hvbackup.disks.fileio import replace_file, round_up, sync_data, write_at
+
+MAGIC = b"HVBKMRT\0"
+VERSION = 1
+MIN_REGION = 64 << 20
+MAX_REGIONS = 1 << 20
+_HEADER = struct.Struct("<8sIIQ16sIIQ16sII")
+
+
+class MrtFormatError(ValueError):
+    """Neither slot of the file is valid (message says why)."""
+
+
+def region_size_for(size: int, granularity: int) -> int:
+    region = max(MIN_REGION, granularity)
+    while -(-size // region) > MAX_REGIONS:
+        region *= 2
+    return region
+
+
+def slot_size(size: int, region: int) -> int:
+    regions = -(-size // region)
+    return round_up(_HEADER.size + -(-regions // 8) + 4, 4096)
+
+
+@dataclass
+class MrtState:
+    lineage: uuid.UUID
+    base: int
+    size: int
+    region: int
+    pending_dwg: uuid.UUID | None = None
+    marked: bytearray = field(default_factory=bytearray)  # one byte per region, 0 or 1
+    generation: int = 0
+
+    def __post_init__(self):
+        if not self.marked:
+            self.marked = bytearray(-(-self.size // self.region))
+
+    def pack_slot(self) -> bytes:
+        bits = np.packbits(np.frombuffer(self.marked, dtype=np.uint8), bitorder="little").tobytes()
+        header = _HEADER.pack(MAGIC, VERSION, slot_size(self.size, self.region), self.generation,
+                              self.lineage.bytes_le, self.base, self.region, self.size,
+                              (self.pending_dwg or uuid.UUID(int=0)).bytes_le, len(self.marked), 0)
+        body = header + bits
+        return body + struct.pack("<I", crc32c(body))
+
+    @classmethod
+    def unpack_slot(cls, data: bytes, virtual_size: int) -> MrtState:
+        (magic, version, slot, generation, lineage, base, region, size, pending, count,
+         _reserved) = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise MrtFormatError("it is not an hvbackup modified-region file")
+        if version != VERSION:
+            raise MrtFormatError(f"format version {version} is not supported")
+        if size != virtual_size or region < MIN_REGION or region & (region - 1) or count != -(-size // region):
+            raise MrtFormatError("its geometry does not match the disk")
+        end = _HEADER.size + -(-count // 8)
+        if slot != len(data) or end + 4 > slot:
+            raise MrtFormatError("its slot size is wrong")
+        if struct.unpack_from("<I", data, end)[0] != crc32c(data[:end]):
+            raise MrtFormatError("its checksum does not match")
+        bits = np.frombuffer(data, dtype=np.uint8, count=end - _HEADER.size, offset=_HEADER.size)
+        marked = bytearray(np.unpackbits(bits, bitorder="little")[:count].tobytes())
+        pending_dwg = uuid.UUID(bytes_le=pending)
+        return cls(uuid.UUID(bytes_le=lineage), base, size, region,
+                   pending_dwg if pending_dwg.int else None, marked, generation)
+
+    def marked_regions(self) -> list[int]:
+        return [i for i, m in enumerate(self.marked) if m]
+
+
+def create(path: str, state: MrtState) -> None:
+    """A fresh file, both slots valid, put in place atomically."""
+    slot = slot_size(state.size, state.region)
+    slots = [b"", b""]
+    for _ in range(2):
+        state.generation += 1
+        slots[state.generation % 2] = state.pack_slot().ljust(slot, b"\0")
+    replace_file(path, slots[0] + slots[1])
+
+
+def read(path: str, virtual_size: int) -> MrtState:
+    """The newer valid slot. Raises FileNotFoundError or MrtFormatError."""
+    with open(path, "rb") as f:
+        data = f.read(2 * (MAX_REGIONS // 8 + 8192) + 1)
+    half = len(data) // 2
+    states, problems = [], []
+    for slot in (data[:half], data[half:]):
+        try:
+            states.append(MrtState.unpack_slot(slot, virtual_size) if len(slot) >= _HEADER.size else None)
+        except MrtFormatError as exc:
+            problems.append(str(exc))
+    states = [s for s in states if s is not None]
+    if len(data) % 2 or not states:
+        raise MrtFormatError(problems[0] if problems else "the file is truncated")
+    return max(states, key=lambda s: s.generation)
+
+
+class MrtWriter:
+    """The open file a tracked writer marks regions in, one durable slot write at a time."""
+
+    def __init__(self, path: str, size: int, region: int):
+        self.path = path
+        self.slot = slot_size(size, region)
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        if os.fstat(self.fd).st_size != 2 * self.slot:
+            os.close(self.fd)
+            raise MrtFormatError(f"{path}: the file has the wrong size")
+
+    def commit(self, state: MrtState) -> None:
+        """Write ``state`` into the older slot and wait until it is on stable storage."""
+        state.generation += 1
+        write_at(self.fd, state.pack_slot(), (state.generation % 2) * self.slot)
+        sync_data(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,113 @@
+"""``NAME.vhdx.rct``: the change map and the sealed points, saved whole at every seal.
+
+Layout (little-endian; docs/tracking.md is the full description)::
+
+    0   8  magic "HVBKRCT\\0"             72  8  payload length (zstd frame of the epoch array)
+    8   4  format version (1)            80  4  retired lineage count (<= 16)
+    12  4  granularity (bytes)           84  4  reserved, zero
+    16 16  lineage GUID                  88     retired lineages, 20 bytes each: GUID, reason
+    32  8  virtual size                  ...    payload: uint32 epoch per granule, zstd-compressed
+    40  4  last sealed sequence          end-4  CRC-32C of every byte before it
+    44  4  reserved, zero
+    48 16  VHDX DataWriteGuid the map is current for
+    64  8  reserved, zero
+
+The file is replaced atomically (temporary file, fsync, rename), so it is always one whole save.
+Its size is bounded by the disk: at most 4 bytes a granule plus a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+from crc32c import crc32c
+
+from hvbackup.disks.fileio import replace_file
+from hvbackup.tracking.changemap import MAX_GRANULARITY, MAX_GRANULES, MIN_GRANULARITY, ChangeMap
+
+MAGIC = b"HVBKRCT\0"
+VERSION = 1
+MAX_RETIRED = 16
+_HEADER = struct.Struct("<8sII16sQII16sQQII")
+_RETIRED = struct.Struct("<16sI")
+_FRAME_OVERHEAD = 1 << 16  # zstd frame bound for incompressible input, with room to spare
+
+
+class Retirement(enum.IntEnum):
+    """Why a lineage ended; decides the error a query against one of its IDs gets."""
+
+    CHANGED_OFFLINE = 1  # a writer that does not track modified the disk
+    LOST = 2             # the side files were missing or damaged
+    RESTARTED = 3        # tracking was switched off, or the history was reset
+
+
+class RctFormatError(ValueError):
+    """The file is not a valid .rct file (message says why)."""
+
+
+@dataclass
+class RctState:
+    lineage: uuid.UUID
+    last_sealed: int
+    data_write_guid: uuid.UUID
+    changes: ChangeMap
+    retired: list[tuple[uuid.UUID, Retirement]]
+
+    def pack(self) -> bytes:
+        payload = zstandard.ZstdCompressor(level=1).compress(self.changes.epochs.astype("<u4", copy=False).tobytes())
+        retired = self.retired[-MAX_RETIRED:]
+        header = _HEADER.pack(
+            MAGIC, VERSION, self.changes.granularity, self.lineage.bytes_le, self.changes.size, self.last_sealed, 0,
+            self.data_write_guid.bytes_le, 0, len(payload), len(retired), 0,
+        )
+        body = header + b"".join(_RETIRED.pack(g.bytes_le, reason) for g, reason in retired) + payload
+        return body + struct.pack("<I", crc32c(body))
+
+    def save(self, path: str) -> None:
+        replace_file(path, self.pack())
+
+    @classmethod
+    def unpack(cls, data: bytes, virtual_size: int) -> RctState:
+        if len(data) < _HEADER.size + 4:
+            raise RctFormatError("the file is too short")
+        (magic, version, granularity, lineage, size, last_sealed, _r1, dwg, _r2, payload_length, retired_count,
+         _r3) = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise RctFormatError("it is not an hvbackup change tracking file")
+        if version != VERSION:
+            raise RctFormatError(f"format version {version} is not supported (this hvbackup reads {VERSION})")
+        if struct.unpack_from("<I", data, len(data) - 4)[0] != crc32c(data[:-4]):
+            raise RctFormatError("its checksum does not match")
+        if size != virtual_size:
+            raise RctFormatError(f"it describes a {size}-byte disk; the disk has {virtual_size} bytes")
+        if granularity & (granularity - 1) or not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY:
+            raise RctFormatError(f"granularity {granularity} is invalid")
+        granules = -(-size // granularity)
+        if granules > MAX_GRANULES or retired_count > MAX_RETIRED or last_sealed < 1:
+            raise RctFormatError("its counts are out of range")
+        at = _HEADER.size + retired_count * _RETIRED.size
+        if at + payload_length + 4 != len(data) or payload_length > granules * 4 + _FRAME_OVERHEAD:
+            raise RctFormatError("its length does not match its contents")
+        retired = []
+        for i in range(retired_count):
+            raw, reason = _RETIRED.unpack_from(data, _HEADER.size + i * _RETIRED.size)
+            if reason not in Retirement._value2member_map_:
+                raise RctFormatError(f"retired lineage reason {reason} is unknown")
+            retired.append((uuid.UUID(bytes_le=raw), Retirement(reason)))
+        try:
+            raw_epochs = zstandard.ZstdDecompressor().decompress(data[at:at + payload_length],
+                                                                 max_output_size=granules * 4)
+        except zstandard.ZstdError as exc:
+            raise RctFormatError(f"its change map does not decompress: {exc}") from None
+        if len(raw_epochs) != granules * 4:
+            raise RctFormatError("its change map has the wrong length")
+        epochs = np.frombuffer(raw_epochs, dtype="<u4").astype(np.uint32)
+        if len(epochs) and int(epochs.max()) > last_sealed + 1:
+            raise RctFormatError("its change map names points that were never sealed")
+        return cls(uuid.UUID(bytes_le=lineage), last_sealed, uuid.UUID(bytes_le=dwg),
+                   ChangeMap(size, granularity, epochs), retired)

@@ -1,0 +1,34 @@
+"""Windows error codes hvbackup reports, with the names and values of winerror.h.
+
+The change-tracking codes sit in facility 0x3A (virtual disks); their texts follow winerror.h
+([MS-ERREF] 2.1 gives the layout of such values). Callers compare ``error.code`` with these names.
+"""
+
+from __future__ import annotations
+
+ERROR_SUCCESS = 0
+ERROR_FILE_NOT_FOUND = 2
+ERROR_PATH_NOT_FOUND = 3
+ERROR_ACCESS_DENIED = 5
+ERROR_INVALID_HANDLE = 6
+ERROR_SHARING_VIOLATION = 32
+ERROR_NOT_SUPPORTED = 50
+ERROR_INVALID_PARAMETER = 87
+ERROR_INSUFFICIENT_BUFFER = 122
+ERROR_FILE_CORRUPT = 1392
+ERROR_VHD_INVALID_TYPE = 0xC03A001B
+ERROR_CTLOG_TRACKING_NOT_INITIALIZED = 0xC03A0020
+ERROR_CTLOG_LOGFILE_SIZE_EXCEEDED_MAXSIZE = 0xC03A0021
+ERROR_CTLOG_VHD_CHANGED_OFFLINE = 0xC03A0022
+ERROR_CTLOG_INVALID_TRACKING_STATE = 0xC03A0023
+ERROR_CTLOG_INCONSISTENT_TRACKING_FILE = 0xC03A0024
+ERROR_VHD_INVALID_CHANGE_TRACKING_ID = 0xC03A0029
+ERROR_VHD_CHANGE_TRACKING_DISABLED = 0xC03A002A
+ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION = 0xC03A0030
+ERROR_VHD_SHARED = 0xC05CFF0A
+
+NAMES = {value: name for name, value in globals().items() if name.startswith("ERROR_")}
+
+
+def name_of(code: int) -> str:
+    return NAMES.get(code, f"{code:#010x}")
