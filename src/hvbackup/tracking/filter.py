@@ -29,7 +29,7 @@ class TrackedDisk(BlockDevice):
             setattr(self, name, getattr(inner, name))
         self.closed = False
         mrt = tracking.mrt
-        self._mrt = MrtWriter(mrt_path(inner.path), mrt.size, mrt.region)
+        self._mrt = MrtWriter(mrt_path(inner.path))
         self._region_shift = mrt.region.bit_length() - 1
         self._session_announced = False
         self._written_since_seal = False

@@ -63,8 +63,7 @@ def save(disk: VhdxDisk, tracking: Tracking, *, seal: bool) -> None:
     rct.data_write_guid = disk.data_write_guid
     rct.save(rct_path(disk.path))
     region = region_size_for(disk.size, rct.changes.granularity)
-    tracking.mrt = MrtState(rct.lineage, rct.last_sealed, disk.size, region,
-                            generation=tracking.mrt.generation if tracking.mrt else 0)
+    tracking.mrt = MrtState(rct.lineage, rct.last_sealed, disk.size, region)
     tracking.recovered = False
 
 
@@ -74,8 +73,7 @@ def open_for_writing(disk: VhdxDisk) -> Tracking:
     tracking = load(disk)
     if tracking.condition in (Condition.LOST, Condition.CHANGED_OFFLINE):
         return restart(disk, tracking)
-    if tracking.condition == Condition.ACTIVE and (tracking.recovered or tracking.mrt is None
-                                                   or tracking.mrt.base != tracking.rct.last_sealed):
+    if tracking.condition == Condition.ACTIVE and (tracking.recovered or tracking.mrt.base != tracking.rct.last_sealed):
         save(disk, tracking, seal=False)
         mrtfile.create(mrt_path(disk.path), tracking.mrt)
     return tracking

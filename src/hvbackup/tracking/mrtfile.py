@@ -5,16 +5,16 @@ and makes the mark durable; only then does the data write start. After a crash, 
 marked region counts as changed, so a query can over-report (within marked regions) but never miss
 a write. Regions are coarse (64 MiB by default), so marking costs one fdatasync per region per save.
 
-Two slots of equal size alternate; a write goes to the older slot, so a torn write leaves the newer
-one intact. A slot (little-endian)::
+The file is rewritten in place, whole, at every commit. A damaged file cannot tell which marks it
+lost, so it makes the tracking lost (a full backup), never a guess. Layout (little-endian)::
 
     0   8  magic "HVBKMRT\\0"       48  8  virtual size
     8   4  format version (1)      56 16  DataWriteGuid the disk takes at its first write (or zero)
-    12  4  slot size               72  4  region count
-    16  8  generation              76  4  reserved, zero
+    12  4  file size               72  4  region count
+    16  8  reserved, zero          76  4  reserved, zero
     24 16  lineage GUID            80     region bitmap, bit i = region i marked (LSB first)
     40  4  base: the .rct's last sealed sequence these marks extend
-    44  4  region size (bytes)     80+n   CRC-32C of bytes 0..80+n
+    44  4  region size (bytes)     80+n   CRC-32C of bytes 0..80+n; zeros up to the file size
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def region_size_for(size: int, granularity: int) -> int:
     return region
 
 
-def slot_size(size: int, region: int) -> int:
+def file_size(size: int, region: int) -> int:
     regions = -(-size // region)
     return round_up(_HEADER.size + -(-regions // 8) + 4, 4096)
 
@@ -60,24 +60,25 @@ class MrtState:
     region: int
     pending_dwg: uuid.UUID | None = None
     marked: bytearray = field(default_factory=bytearray)  # one byte per region, 0 or 1
-    generation: int = 0
 
     def __post_init__(self):
         if not self.marked:
             self.marked = bytearray(-(-self.size // self.region))
 
-    def pack_slot(self) -> bytes:
+    def pack(self) -> bytes:
         bits = np.packbits(np.frombuffer(self.marked, dtype=np.uint8), bitorder="little").tobytes()
-        header = _HEADER.pack(MAGIC, VERSION, slot_size(self.size, self.region), self.generation,
-                              self.lineage.bytes_le, self.base, self.region, self.size,
+        total = file_size(self.size, self.region)
+        header = _HEADER.pack(MAGIC, VERSION, total, 0, self.lineage.bytes_le, self.base, self.region, self.size,
                               (self.pending_dwg or uuid.UUID(int=0)).bytes_le, len(self.marked), 0)
         body = header + bits
-        return body + struct.pack("<I", crc32c(body))
+        return (body + struct.pack("<I", crc32c(body))).ljust(total, b"\0")
 
     @classmethod
-    def unpack_slot(cls, data: bytes, virtual_size: int) -> MrtState:
-        (magic, version, slot, generation, lineage, base, region, size, pending, count,
-         _reserved) = _HEADER.unpack_from(data)
+    def unpack(cls, data: bytes, virtual_size: int) -> MrtState:
+        if len(data) < _HEADER.size:
+            raise MrtFormatError("the file is truncated")
+        (magic, version, total, _reserved, lineage, base, region, size, pending, count,
+         _reserved2) = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise MrtFormatError("it is not an hvbackup modified-region file")
         if version != VERSION:
@@ -85,62 +86,41 @@ class MrtState:
         if size != virtual_size or region < MIN_REGION or region & (region - 1) or count != -(-size // region):
             raise MrtFormatError("its geometry does not match the disk")
         end = _HEADER.size + -(-count // 8)
-        if slot != len(data) or end + 4 > slot:
-            raise MrtFormatError("its slot size is wrong")
+        if total != len(data) or total != file_size(size, region):
+            raise MrtFormatError("its length is wrong")
         if struct.unpack_from("<I", data, end)[0] != crc32c(data[:end]):
             raise MrtFormatError("its checksum does not match")
         bits = np.frombuffer(data, dtype=np.uint8, count=end - _HEADER.size, offset=_HEADER.size)
         marked = bytearray(np.unpackbits(bits, bitorder="little")[:count].tobytes())
         pending_dwg = uuid.UUID(bytes_le=pending)
-        return cls(uuid.UUID(bytes_le=lineage), base, size, region,
-                   pending_dwg if pending_dwg.int else None, marked, generation)
+        return cls(uuid.UUID(bytes_le=lineage), base, size, region, pending_dwg if pending_dwg.int else None, marked)
 
     def marked_regions(self) -> list[int]:
         return [i for i, m in enumerate(self.marked) if m]
 
 
 def create(path: str, state: MrtState) -> None:
-    """A fresh file, both slots valid, put in place atomically."""
-    slot = slot_size(state.size, state.region)
-    slots = [b"", b""]
-    for _ in range(2):
-        state.generation += 1
-        slots[state.generation % 2] = state.pack_slot().ljust(slot, b"\0")
-    replace_file(path, slots[0] + slots[1])
+    """A fresh file, put in place atomically."""
+    replace_file(path, state.pack())
 
 
 def read(path: str, virtual_size: int) -> MrtState:
-    """The newer valid slot. Raises FileNotFoundError or MrtFormatError."""
+    """Raises FileNotFoundError or MrtFormatError."""
     with open(path, "rb") as f:
-        data = f.read(2 * (MAX_REGIONS // 8 + 8192) + 1)
-    half = len(data) // 2
-    states, problems = [], []
-    for slot in (data[:half], data[half:]):
-        try:
-            states.append(MrtState.unpack_slot(slot, virtual_size) if len(slot) >= _HEADER.size else None)
-        except MrtFormatError as exc:
-            problems.append(str(exc))
-    states = [s for s in states if s is not None]
-    if len(data) % 2 or not states:
-        raise MrtFormatError(problems[0] if problems else "the file is truncated")
-    return max(states, key=lambda s: s.generation)
+        data = f.read(MAX_REGIONS // 8 + 8192)
+    return MrtState.unpack(data, virtual_size)
 
 
 class MrtWriter:
-    """The open file a tracked writer marks regions in, one durable slot write at a time."""
+    """The open file a tracked writer marks regions in, one durable whole-file write at a time."""
 
-    def __init__(self, path: str, size: int, region: int):
+    def __init__(self, path: str):
         self.path = path
-        self.slot = slot_size(size, region)
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        if os.fstat(self.fd).st_size != 2 * self.slot:
-            os.close(self.fd)
-            raise MrtFormatError(f"{path}: the file has the wrong size")
 
     def commit(self, state: MrtState) -> None:
-        """Write ``state`` into the older slot and wait until it is on stable storage."""
-        state.generation += 1
-        write_at(self.fd, state.pack_slot(), (state.generation % 2) * self.slot)
+        """Write ``state`` over the file and wait until it is on stable storage."""
+        write_at(self.fd, state.pack(), 0)
         sync_data(self.fd)
 
     def close(self) -> None:

@@ -4,8 +4,8 @@ crash, and queried.
 Loading never writes. What it concludes:
 
 * **disabled**: the VHDX carries no tracking marker.
-* **lost**: the marker is there but the .rct file is missing, damaged or of another lineage, or the
-  .mrt file is unusable while the disk changed since the .rct was saved. Nothing can be answered.
+* **lost**: the marker is there but a side file is missing, damaged or of another lineage.
+  Nothing can be answered.
 * **changed offline**: the VHDX DataWriteGuid is neither the one the .rct was saved at nor the one
   the last tracked writer announced in the .mrt: a writer that does not track (qemu-io, another
   tool) changed the data.
@@ -153,26 +153,23 @@ def load(disk: VhdxDisk) -> Tracking:
     if rct.lineage != lineage:
         return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, "its .rct file belongs to another tracking history")
 
-    unchanged_since_save = disk.data_write_guid == rct.data_write_guid
     try:
         mrt = mrtfile.read(mrt_path(path), size)
-        if mrt.lineage != lineage:
-            raise MrtFormatError("it belongs to another tracking history")
-    except (FileNotFoundError, MrtFormatError, OSError) as exc:
-        if not unchanged_since_save:
-            why = "is missing" if isinstance(exc, FileNotFoundError) else f"is unusable: {exc}"
-            return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE,
-                        f"its .mrt file {why}, and the disk changed after the .rct file was saved", rct)
-        mrt = None  # nothing was written since the save; a writer makes a fresh one
-    if not unchanged_since_save and (mrt is None or disk.data_write_guid != mrt.pending_dwg):
+    except FileNotFoundError:
+        return lost(ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION, "its .mrt file is missing", rct)
+    except (MrtFormatError, OSError) as exc:
+        return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, f"its .mrt file is unusable: {exc}", rct)
+    if mrt.lineage != lineage:
+        return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, "its .mrt file belongs to another tracking history", rct)
+    if disk.data_write_guid not in (rct.data_write_guid, mrt.pending_dwg):
         return Tracking(path, size, Condition.CHANGED_OFFLINE, lineage, rct,
                         problem="the disk was changed by a writer that does not track changes "
                                 "(its DataWriteGuid is not one hvbackup recorded)")
-    if mrt is not None and mrt.base > rct.last_sealed:
+    if mrt.base > rct.last_sealed:
         return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, "its .mrt file is newer than its .rct file", rct)
 
     tracking = Tracking(path, size, Condition.ACTIVE, lineage, rct, mrt)
-    if mrt is not None and mrt.base == rct.last_sealed:
+    if mrt.base == rct.last_sealed:
         shift = rct.changes.shift
         for region in mrt.marked_regions():
             first = region * mrt.region >> shift
