@@ -88,7 +88,7 @@ class MrtState:
         end = _HEADER.size + -(-count // 8)
         if total != len(data) or total != file_size(size, region):
             raise MrtFormatError("its length is wrong")
-        if struct.unpack_from("<I", data, end)[0] != crc32c(data[:end]):
+        if struct.unpack_from("<I", data, end)[0] != crc32c(data[:end]) or any(data[end + 4:]):
             raise MrtFormatError("its checksum does not match")
         bits = np.frombuffer(data, dtype=np.uint8, count=end - _HEADER.size, offset=_HEADER.size)
         marked = bytearray(np.unpackbits(bits, bitorder="little")[:count].tobytes())
