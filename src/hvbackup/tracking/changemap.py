@@ -66,19 +66,19 @@ class ChangeMap:
     def changed_since(self, sequence: int, start: int, end: int, max_ranges: int) -> tuple[list[tuple[int, int]], int]:
         """Runs of granules written after point ``sequence`` that meet [start, end), clipped to it,
         at most ``max_ranges``; and the offset up to which the answer is complete."""
-        first, stop = start >> self.shift, -(-end // self.granularity)
+        shift = self.shift
+        first, stop = start >> shift, -(-end // self.granularity)
         changed = np.flatnonzero(self.epochs[first:stop] > sequence)
         if not len(changed):
             return [], end
+        # A run ends wherever the next changed granule is not the next granule.
         breaks = np.flatnonzero(np.diff(changed) != 1)
-        run_starts = np.concatenate(([changed[0]], changed[breaks + 1])) + first
-        run_ends = np.concatenate((changed[breaks], [changed[-1]])) + first + 1
+        run_starts = np.concatenate((changed[:1], changed[breaks + 1])) + first
+        run_ends = np.concatenate((changed[breaks], changed[-1:])) + first + 1
         complete = end
         if len(run_starts) > max_ranges:
             run_starts, run_ends = run_starts[:max_ranges], run_ends[:max_ranges]
-            complete = min(end, int(run_ends[-1]) << self.shift)
-        ranges = []
-        for a, b in zip(run_starts.tolist(), run_ends.tolist()):
-            lo, hi = max(start, a << self.shift), min(end, b << self.shift)
-            ranges.append((lo, hi - lo))
-        return ranges, complete
+            complete = min(end, int(run_ends[-1]) << shift)
+        lows = np.maximum(run_starts << shift, start)
+        highs = np.minimum(run_ends << shift, end)
+        return list(zip(lows.tolist(), (highs - lows).tolist())), complete

@@ -67,11 +67,25 @@ class TrackedDisk(BlockDevice):
         self.tracking.newer_changes = self._written_since_seal = True
 
     def write(self, offset: int, data) -> None:
-        view = memoryview(data).cast("B")
-        self._check_writable()
-        self._check_range(offset, len(view))
-        self._record(offset, len(view))
-        self.inner.write(offset, view)
+        # The hot path of every tracked writer, so it is written out by hand: the usual checks inline
+        # (the helpers raise the errors), and a write inside one region already marked in the .mrt
+        # since the last save, once the session is announced, is recorded right here with a stamp;
+        # anything else (an unmarked region, the first write, several regions) goes to _record.
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        length = len(data)
+        if self.read_only or self.closed or offset < 0 or offset + length > self.size:
+            self._check_writable()
+            self._check_range(offset, length)
+        shift, tracking = self._region_shift, self.tracking
+        if (self._session_announced and length and tracking.mrt.marked[offset >> shift]
+                and (offset + length - 1) >> shift == offset >> shift):
+            rct = tracking.rct
+            rct.changes.stamp(offset, length, rct.last_sealed + 1)
+            tracking.newer_changes = self._written_since_seal = True
+        else:
+            self._record(offset, length)
+        self.inner.write(offset, data)
 
     def trim(self, offset: int, length: int) -> None:
         self._check_writable()
