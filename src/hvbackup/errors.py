@@ -41,3 +41,7 @@ class CodedError(HvBackupError):
 class TrackingError(CodedError):
     """Change tracking cannot answer: disabled, lost, changed offline, or an ID it does not know.
     Each of these tells a backup application to take a full backup."""
+
+
+class VirtDiskError(CodedError):
+    """A ``hvbackup.virtdisk`` call failed; ``code`` is the Windows error the VirtDisk call returns."""

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from hvbackup.cli import disk, quickstart
-from hvbackup.cli.output import EXIT_FAILED, show_help_without_command, stderr
+from hvbackup.cli.output import EXIT_FAILED, error_line, show_help_without_command, stderr
 from hvbackup.errors import HvBackupError
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ def main() -> None:
         stderr.print(f"hvbackup: error: {message}", markup=False)
         code = EXIT_FAILED
     except HvBackupError as exc:
-        stderr.print(f"hvbackup: error: {exc}", markup=False)
+        stderr.print(f"hvbackup: error: {error_line(exc)}", markup=False)
         code = EXIT_FAILED
     except (KeyboardInterrupt, typer.Abort):
         stderr.print("hvbackup: interrupted", markup=False)

@@ -1,4 +1,5 @@
-"""``hvbackup disk``: create, inspect, check, convert, map, merge and compare virtual disk files."""
+"""``hvbackup disk``: create, inspect, check, convert, map, merge and compare virtual disk files, and
+track their changes (cli/tracking.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from rich.table import Table
 
 from hvbackup import disks
+from hvbackup.cli import tracking
 from hvbackup.cli.output import (
     EXIT_FOUND,
     EXIT_OK,
@@ -176,3 +178,7 @@ def compare(a: str, b: str, json: bool = JSON) -> None:
     else:
         stdout.print(f"different: {result.reason}", markup=False)
     raise typer.Exit(EXIT_OK if result.identical else EXIT_FOUND)
+
+
+app.command("tracking")(tracking.tracking_command)
+app.command("changes")(tracking.changes)

@@ -16,6 +16,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from hvbackup.errors import CodedError, HvBackupError
+from hvbackup.virtdisk import CHANGE_TRACKING_RESET_ERRORS
+
 EXIT_OK, EXIT_FOUND, EXIT_FAILED = 0, 1, 2
 
 stdout = Console(highlight=False)
@@ -46,6 +49,15 @@ def human_size(n: int) -> str:
 
 def emit_json(value) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def error_line(exc: HvBackupError) -> str:
+    """An expected failure as one line; a Windows-coded one starts with the code's name, and one
+    that means change tracking cannot answer says what to do about it."""
+    if not isinstance(exc, CodedError):
+        return str(exc)
+    advice = "; a full backup is needed" if exc.code in CHANGE_TRACKING_RESET_ERRORS else ""
+    return f"{exc.name}: {exc}{advice}"
 
 
 def show_help_without_command(ctx: typer.Context) -> None:
