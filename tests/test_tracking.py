@@ -154,6 +154,7 @@ def test_only_vhdx_can_be_tracked(tmp_path):
     path = str(tmp_path / "old.vhd")
     disks.create(path, 16 * MiB, format="vhd").close()
     assert code_of(lambda: tracking.enable(path)) == ERROR_VHD_INVALID_TYPE
+    assert code_of(lambda: tracking.seal(path)) == ERROR_VHD_INVALID_TYPE
 
 
 def test_granularity_is_configurable(tmp_path):

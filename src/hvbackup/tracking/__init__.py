@@ -67,6 +67,7 @@ def query(path: str, change_id: str, offset: int = 0, length: int | None = None,
 
 def seal(path: str) -> str:
     """Seal a point on a closed disk and return its ID."""
+    _open_vhdx(path, read_only=True).close()  # a VHD or raw image gets ERROR_VHD_INVALID_TYPE
     disk = disks.open(path)
     try:
         if not isinstance(disk, TrackedDisk):

@@ -43,7 +43,6 @@ class Retirement(enum.IntEnum):
 
     CHANGED_OFFLINE = 1  # a writer that does not track modified the disk
     LOST = 2             # the side files were missing or damaged
-    RESTARTED = 3        # tracking was switched off, or the history was reset
 
 
 class RctFormatError(ValueError):

@@ -65,8 +65,6 @@ _RETIREMENT_ERRORS = {
                                  "track changes after this ID was issued"),
     Retirement.LOST: (ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION, "the tracking history this ID belongs to was "
                       "lost"),
-    Retirement.RESTARTED: (ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION, "the tracking history this ID belongs "
-                           "to was ended (tracking was switched off)"),
 }
 
 
