@@ -1,8 +1,9 @@
 """``hvbackup quickstart``: a tour of the disk engine on an embedded default, no data needed.
 
-Creates a dynamic VHDX, writes to it, takes a differencing child (a checkpoint's AVHDX), writes
-to that, checks both, flattens the chain to VHD and raw, compares all three, merges the child
-back, and compares again; then prints what it did with sizes and speeds.
+Creates a dynamic VHDX, writes to it, switches change tracking on, takes a differencing child (a
+checkpoint's AVHDX), writes to that, asks what changed since tracking started, checks both files,
+flattens the chain to VHD and raw, compares all three, merges the child back, and compares and asks
+again; then prints what it did with sizes and speeds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from hvbackup import disks
+from hvbackup import disks, tracking
 from hvbackup.cli.output import EXIT_FOUND, EXIT_OK, emit_json, human_size, stdout
 from hvbackup.disks.copy import data_bytes
 
@@ -36,7 +37,7 @@ def quickstart(
         None, "--dir", help="Work directory (default: ~/.local/share/hvbackup/quickstart)."),
     json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
-    """Tour the disk engine: create, write, checkpoint, check, convert, compare, merge."""
+    """Tour the disk engine: create, write, track changes, checkpoint, check, convert, compare, merge."""
     work = directory or default_directory()
     if work.exists():
         shutil.rmtree(work)
@@ -59,6 +60,10 @@ def quickstart(
     step("create dynamic VHDX and write", t, written, f"{human_size(DISK_SIZE)} disk")
 
     t = time.perf_counter()
+    since = tracking.enable(base).most_recent_id
+    step("switch change tracking on", t, detail=since)
+
+    t = time.perf_counter()
     with disks.create(child, type="differencing", parent=base) as disk:
         written = _write_scattered(disk, rng, WRITE_BYTES // 4)
         disk.trim(0, 8 * MiB)
@@ -66,6 +71,14 @@ def quickstart(
 
     with disks.open(child, read_only=True) as disk:
         chain_data = data_bytes(disk.extents())
+        own = [e for e in disk.extents() if e.depth == 0]
+
+    t = time.perf_counter()
+    changed, _ = tracking.query(child, since)
+    tracked_all = all(any(o <= e.offset and e.end <= o + n for o, n in changed) for e in own)
+    verdict = "every write in them" if tracked_all else "A WRITE IS MISSING"
+    step("ask what changed since tracking started", t,
+         detail=f"{len(changed)} ranges, {human_size(sum(n for _, n in changed))}, {verdict}")
 
     t = time.perf_counter()
     problems = disks.check(base).problems + disks.check(child).problems
@@ -82,10 +95,11 @@ def quickstart(
 
     t = time.perf_counter()
     disks.merge(child)
-    merged_same = disks.compare(base, raw).identical
-    step("merge the child into its parent", t, detail="identical to raw" if merged_same else "DIFFERENT")
+    merged_same = disks.compare(base, raw).identical and tracking.query(base, since)[0] == changed
+    step("merge the child into its parent", t,
+         detail="identical to raw, same changes since the ID" if merged_same else "DIFFERENT")
 
-    ok = same and merged_same and not problems
+    ok = same and merged_same and tracked_all and not problems
     files = {os.path.basename(p): os.path.getsize(p) for p in (base, vhd, raw) if os.path.exists(p)}
     if json:
         emit_json({"ok": ok, "directory": str(work), "steps": steps, "files": files})
