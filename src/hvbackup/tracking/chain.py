@@ -50,6 +50,8 @@ def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: It
     if present.condition == Condition.ACTIVE and present.lineage == handed.lineage:
         mrt = MrtState(present.lineage, present.rct.last_sealed, parent.size,
                        region_size_for(parent.size, present.rct.changes.granularity), pending_dwg=next_guid)
+        if present.mrt.base == mrt.base:
+            mrt.marked[:] = present.mrt.marked  # marks a crashed writer of the parent left stay
         shift = mrt.region.bit_length() - 1
         for ext in own:
             first, last = ext.offset >> shift, (ext.end - 1) >> shift

@@ -63,7 +63,9 @@ def save(disk: VhdxDisk, tracking: Tracking, *, seal: bool) -> None:
     rct.data_write_guid = disk.data_write_guid
     rct.save(rct_path(disk.path))
     region = region_size_for(disk.size, rct.changes.granularity)
-    tracking.mrt = MrtState(rct.lineage, rct.last_sealed, disk.size, region)
+    # The announced DataWriteGuid stays announced: the VHDX may take it only at a later write.
+    pending = tracking.mrt.pending_dwg if tracking.mrt else None
+    tracking.mrt = MrtState(rct.lineage, rct.last_sealed, disk.size, region, pending_dwg=pending)
     tracking.recovered = False
 
 
