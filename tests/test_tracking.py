@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import uuid
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tools import libvhdi_read, qemu_check, qemu_io, run
 
 from hvbackup import disks, tracking
 from hvbackup.errors import TrackingError
+from hvbackup.tracking.changemap import ChangeMap
 from hvbackup.tracking.ids import RctId
+from hvbackup.tracking.rctfile import RctState, Retirement
 from hvbackup.winerror import (
     ERROR_CTLOG_INCONSISTENT_TRACKING_FILE,
     ERROR_CTLOG_VHD_CHANGED_OFFLINE,
@@ -252,3 +257,13 @@ def test_truncated_and_swapped_side_files_mean_lost(tracked, tmp_path):
     with open(other + ".mrt", "r+b") as f:
         f.truncate(100)
     assert tracking.status(other).state == "lost"
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=300))
+def test_rct_round_trips_in_either_encoding(epochs):
+    size = len(epochs) * G - 1000  # the last granule is partial
+    changes = ChangeMap(size, G, np.array(epochs, dtype=np.uint32))
+    saved = RctState(uuid.uuid4(), 3, uuid.uuid4(), changes, [(uuid.uuid4(), Retirement.LOST)])
+    loaded = RctState.unpack(saved.pack(), size)
+    assert loaded.changes.epochs.tolist() == epochs and loaded.retired == saved.retired
+    assert (loaded.lineage, loaded.last_sealed, loaded.data_write_guid) == (saved.lineage, 3, saved.data_write_guid)

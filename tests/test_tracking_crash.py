@@ -16,11 +16,11 @@ import tracking_crash_workload as workload
 
 from hvbackup import disks, tracking
 from hvbackup.disks.check import check
+from hvbackup.tracking.mrtfile import MIN_REGION as REGION
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
 G = 64 * 1024
-REGION = 64 * MiB
 
 
 def granules(offset: int, length: int) -> set[int]:

@@ -17,7 +17,7 @@ import sys
 from hvbackup import disks, tracking
 
 MiB = 1 << 20
-DISK_SIZE = 512 * MiB
+DISK_SIZE = 2048 * MiB
 
 
 def main(directory: str, seed: int) -> None:

@@ -3,7 +3,7 @@
 Before hvbackup writes into a region the map does not yet cover on disk, it marks the region here
 and makes the mark durable; only then does the data write start. After a crash, every granule of a
 marked region counts as changed, so a query can over-report (within marked regions) but never miss
-a write. Regions are coarse (64 MiB by default), so marking costs one fdatasync per region per save.
+a write. Regions are coarse (256 MiB at least), so marking costs one fdatasync per region per save.
 
 The file is rewritten in place, whole, at every commit. A damaged file cannot tell which marks it
 lost, so it makes the tracking lost (a full backup), never a guess. Layout (little-endian)::
@@ -31,7 +31,7 @@ from hvbackup.disks.fileio import replace_file, round_up, sync_data, write_at
 
 MAGIC = b"HVBKMRT\0"
 VERSION = 1
-MIN_REGION = 64 << 20
+MIN_REGION = 256 << 20
 MAX_REGIONS = 1 << 20
 _HEADER = struct.Struct("<8sIIQ16sIIQ16sII")
 

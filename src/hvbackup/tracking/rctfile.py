@@ -2,15 +2,19 @@
 
 Layout (little-endian; docs/tracking.md is the full description)::
 
-    0   8  magic "HVBKRCT\\0"             72  8  payload length (zstd frame of the epoch array)
+    0   8  magic "HVBKRCT\\0"             72  8  payload length (one zstd frame)
     8   4  format version (1)            80  4  retired lineage count (<= 16)
     12  4  granularity (bytes)           84  4  reserved, zero
     16 16  lineage GUID                  88     retired lineages, 20 bytes each: GUID, reason
-    32  8  virtual size                  ...    payload: uint32 epoch per granule, zstd-compressed
+    32  8  virtual size                  ...    payload
     40  4  last sealed sequence          end-4  CRC-32C of every byte before it
-    44  4  reserved, zero
+    44  4  payload encoding: 0 dense, 1 runs
     48 16  VHDX DataWriteGuid the map is current for
-    64  8  reserved, zero
+    64  8  run count (0 for dense)
+
+The payload holds the epoch array, one uint32 per granule (dense), or, when that is smaller, its runs
+of equal epochs: every run's first granule, then every run's epoch, uint32 each. Runs make loading
+a sparsely written map fast: no decompressing of megabytes of zeros.
 
 The file is replaced atomically (temporary file, fsync, rename), so it is always one whole save.
 Its size is bounded by the disk: at most 4 bytes a granule plus a few hundred bytes.
@@ -45,6 +49,9 @@ class Retirement(enum.IntEnum):
     LOST = 2             # the side files were missing or damaged
 
 
+DENSE, RUNS = 0, 1
+
+
 class RctFormatError(ValueError):
     """The file is not a valid .rct file (message says why)."""
 
@@ -58,11 +65,18 @@ class RctState:
     retired: list[tuple[uuid.UUID, Retirement]]
 
     def pack(self) -> bytes:
-        payload = zstandard.ZstdCompressor(level=1).compress(self.changes.epochs.astype("<u4", copy=False).tobytes())
+        epochs = self.changes.epochs
+        starts = np.flatnonzero(np.diff(epochs)) + 1
+        if (len(starts) + 1) * 2 < len(epochs):
+            starts = np.concatenate(([0], starts)).astype("<u4")
+            raw, encoding, runs = starts.tobytes() + epochs[starts].astype("<u4").tobytes(), RUNS, len(starts)
+        else:
+            raw, encoding, runs = epochs.astype("<u4", copy=False).tobytes(), DENSE, 0
+        payload = zstandard.ZstdCompressor(level=1).compress(raw)
         retired = self.retired[-MAX_RETIRED:]
         header = _HEADER.pack(
-            MAGIC, VERSION, self.changes.granularity, self.lineage.bytes_le, self.changes.size, self.last_sealed, 0,
-            self.data_write_guid.bytes_le, 0, len(payload), len(retired), 0,
+            MAGIC, VERSION, self.changes.granularity, self.lineage.bytes_le, self.changes.size, self.last_sealed,
+            encoding, self.data_write_guid.bytes_le, runs, len(payload), len(retired), 0,
         )
         body = header + b"".join(_RETIRED.pack(g.bytes_le, reason) for g, reason in retired) + payload
         return body + struct.pack("<I", crc32c(body))
@@ -74,8 +88,8 @@ class RctState:
     def unpack(cls, data: bytes, virtual_size: int) -> RctState:
         if len(data) < _HEADER.size + 4:
             raise RctFormatError("the file is too short")
-        (magic, version, granularity, lineage, size, last_sealed, _r1, dwg, _r2, payload_length, retired_count,
-         _r3) = _HEADER.unpack_from(data)
+        (magic, version, granularity, lineage, size, last_sealed, encoding, dwg, runs, payload_length, retired_count,
+         _reserved) = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise RctFormatError("it is not an hvbackup change tracking file")
         if version != VERSION:
@@ -87,7 +101,8 @@ class RctState:
         if granularity & (granularity - 1) or not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY:
             raise RctFormatError(f"granularity {granularity} is invalid")
         granules = -(-size // granularity)
-        if granules > MAX_GRANULES or retired_count > MAX_RETIRED or last_sealed < 1:
+        if (granules > MAX_GRANULES or retired_count > MAX_RETIRED or last_sealed < 1 or encoding not in (DENSE, RUNS)
+                or (encoding == DENSE) != (runs == 0) or runs > granules):
             raise RctFormatError("its counts are out of range")
         at = _HEADER.size + retired_count * _RETIRED.size
         if at + payload_length + 4 != len(data) or payload_length > granules * 4 + _FRAME_OVERHEAD:
@@ -98,15 +113,23 @@ class RctState:
             if reason not in Retirement._value2member_map_:
                 raise RctFormatError(f"retired lineage reason {reason} is unknown")
             retired.append((uuid.UUID(bytes_le=raw), Retirement(reason)))
+        expected = granules * 4 if encoding == DENSE else runs * 8
         try:
-            raw_epochs = zstandard.ZstdDecompressor().decompress(data[at:at + payload_length],
-                                                                 max_output_size=granules * 4)
+            raw = zstandard.ZstdDecompressor().decompress(data[at:at + payload_length], max_output_size=expected)
         except zstandard.ZstdError as exc:
             raise RctFormatError(f"its change map does not decompress: {exc}") from None
-        if len(raw_epochs) != granules * 4:
+        if len(raw) != expected:
             raise RctFormatError("its change map has the wrong length")
-        epochs = np.frombuffer(raw_epochs, dtype="<u4").astype(np.uint32)
-        if len(epochs) and int(epochs.max()) > last_sealed + 1:
+        values = np.frombuffer(raw, dtype="<u4", offset=runs * 4)
+        if len(values) and int(values.max()) > last_sealed + 1:
             raise RctFormatError("its change map names points that were never sealed")
+        if encoding == DENSE:
+            epochs = values.astype(np.uint32)
+        else:
+            starts = np.frombuffer(raw, dtype="<u4", count=runs).astype(np.int64)
+            ends = np.append(starts[1:], granules)
+            if starts[0] != 0 or np.any(ends <= starts):
+                raise RctFormatError("its change map runs are out of order")
+            epochs = np.repeat(values.astype(np.uint32), ends - starts)
         return cls(uuid.UUID(bytes_le=lineage), last_sealed, uuid.UUID(bytes_le=dwg),
                    ChangeMap(size, granularity, epochs), retired)
