@@ -9,7 +9,7 @@ tracked/untracked throughput ratio (cost = 1 - ratio).
 
 Cases (the figures docs/benchmarks.md records):
   4K random   random 4 KiB writes into a fully allocated 1 GiB dynamic VHDX, writes per second.
-              The tracked run includes its first-touch .mrt marks (one fdatasync per 64 MiB region
+              The tracked run includes its first-touch .mrt marks (one fdatasync per 256 MiB region
               written after a save); the report says how many there were. An untracked run changes
               the disk's DataWriteGuid, so the next tracked open starts a new lineage: every tracked
               round starts with no region marked, as a writer does after a seal.

@@ -33,6 +33,9 @@ class TrackedDisk(BlockDevice):
         self._region_shift = mrt.region.bit_length() - 1
         self._session_announced = False
         self._written_since_seal = False
+        # What the hot path in write() needs, set by _record once the session is announced and
+        # dropped by a seal: (marked regions, region shift, epoch array, granule shift, epoch).
+        self._fast: tuple | None = None
 
     @classmethod
     def open(cls, inner: VhdxDisk) -> BlockDevice:
@@ -65,26 +68,32 @@ class TrackedDisk(BlockDevice):
         rct = self.tracking.rct
         rct.changes.stamp(offset, length, rct.last_sealed + 1)
         self.tracking.newer_changes = self._written_since_seal = True
+        self._fast = (marked, self._region_shift, rct.changes.epochs, rct.changes.shift, rct.last_sealed + 1)
 
     def write(self, offset: int, data) -> None:
-        # The hot path of every tracked writer, so it is written out by hand: the usual checks inline
-        # (the helpers raise the errors), and a write inside one region already marked in the .mrt
-        # since the last save, once the session is announced, is recorded right here with a stamp;
-        # anything else (an unmarked region, the first write, several regions) goes to _record.
+        # The hot path of every tracked writer, written out by hand: a write inside one region
+        # already marked since the last save only needs its granules stamped; anything else (the
+        # first write of a session or after a seal, an unmarked region, several regions) goes
+        # through _record, which makes the mark durable first.
         if type(data) is not bytes:
             data = memoryview(data).cast("B")
         length = len(data)
-        if self.read_only or self.closed or offset < 0 or offset + length > self.size:
+        end = offset + length
+        if self.read_only or self.closed or offset < 0 or end > self.size:
             self._check_writable()
             self._check_range(offset, length)
-        shift, tracking = self._region_shift, self.tracking
-        if (self._session_announced and length and tracking.mrt.marked[offset >> shift]
-                and (offset + length - 1) >> shift == offset >> shift):
-            rct = tracking.rct
-            rct.changes.stamp(offset, length, rct.last_sealed + 1)
-            tracking.newer_changes = self._written_since_seal = True
-        else:
-            self._record(offset, length)
+        fast = self._fast
+        if fast is not None and length:
+            marked, region_shift, epochs, granule_shift, epoch = fast
+            if marked[offset >> region_shift] and (end - 1) >> region_shift == offset >> region_shift:
+                first, last = offset >> granule_shift, (end - 1) >> granule_shift
+                if first == last:
+                    epochs[first] = epoch
+                else:
+                    epochs[first:last + 1] = epoch
+                self.inner.write(offset, data)
+                return
+        self._record(offset, length)
         self.inner.write(offset, data)
 
     def trim(self, offset: int, length: int) -> None:
@@ -101,6 +110,7 @@ class TrackedDisk(BlockDevice):
         lifecycle.save(self.inner, self.tracking, seal=True)
         self._mrt.commit(self.tracking.mrt)
         self._written_since_seal = False
+        self._fast = None
         return str(self.most_recent_id)
 
     @property
