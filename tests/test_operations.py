@@ -107,3 +107,20 @@ def test_compare_reports_the_first_difference(tmp_path):
     disks.create(str(tmp_path / "c.vhdx"), 4 * MiB).close()
     sizes = disks.compare(a, str(tmp_path / "c.vhdx"))
     assert not sizes.identical and "sizes differ" in sizes.reason
+
+
+def test_merge_repoints_later_children_at_the_parent(tmp_path):
+    base, middle, top = (str(tmp_path / n) for n in ("base.vhdx", "middle.avhdx", "top.avhdx"))
+    with disks.create(base, 64 * MiB) as d:
+        d.write(0, b"B" * (3 * MiB))
+    with disks.create(middle, type="differencing", parent=base) as d:
+        d.write(MiB, b"M" * MiB)
+    with disks.create(top, type="differencing", parent=middle) as d:
+        d.write(2 * MiB, b"T" * 4096)
+    with disks.open(top, read_only=True) as d:
+        before = d.read(0, d.size)
+    disks.merge(middle, children=[top])
+    assert not os.path.exists(middle)
+    with disks.open(top, read_only=True) as d:
+        assert d.parent.path == base and d.read(0, d.size) == before
+    assert disks.check(top).ok and disks.check(base).ok

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Sequence
 
 from hvbackup import disks
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
@@ -19,8 +20,11 @@ from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import DiskError
 
 
-def merge(child_path: str, *, progress: Progress | None = None) -> str:
-    """Fold ``child_path`` into its parent, delete it, and return the parent's path."""
+def merge(child_path: str, *, progress: Progress | None = None, children: Sequence[str] = ()) -> str:
+    """Fold ``child_path`` into its parent, delete it, and return the parent's path.
+
+    ``children`` are VHDX disks whose parent is ``child_path`` (later checkpoints); before the child
+    is deleted they are pointed at the parent, which then holds what the child showed them."""
     with disks.open(child_path, read_only=True) as child:
         if child.parent is None:
             raise DiskError(f"{child_path}: not a differencing disk; there is nothing to merge into")
@@ -48,6 +52,10 @@ def merge(child_path: str, *, progress: Progress | None = None) -> str:
         parent.flush()
         if handed is not None:
             tracking_chain().finish_merge(handed, parent)
+        parent_guid = parent.data_write_guid if is_vhdx else None
+    for grandchild in children:
+        with VhdxDisk.open(grandchild) as disk:
+            disk.set_parent(parent_path, parent_guid)
     os.unlink(child_path)
     if is_vhdx:
         tracking_chain().remove_side_files(child_path)

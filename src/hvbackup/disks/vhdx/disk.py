@@ -211,6 +211,14 @@ class VhdxDisk(FileDisk):
         entries["parent_linkage2"] = format_linkage(guid)
         self._rewrite_metadata(dataclasses.replace(self.metadata, parent_locator=ParentLocator(entries)))
 
+    def set_parent(self, parent_path: str, linkage: uuid.UUID) -> None:
+        """Point the locator at another parent holding the same content as the current one (a merge
+        below folded the current parent into it): its paths, and ``linkage`` as parent_linkage."""
+        kept = {k: v for k, v in self.metadata.parent_locator.entries.items()
+                if k not in ("parent_linkage2", "relative_path", "absolute_win32_path", "volume_path")}
+        entries = {**kept, **path_entries(self.path, parent_path), "parent_linkage": format_linkage(linkage)}
+        self._rewrite_metadata(dataclasses.replace(self.metadata, parent_locator=ParentLocator(entries)))
+
     def adopt_virtual_disk_items(self, child: Metadata) -> None:
         """2.6.1.2 merge rule: the parent drops its IsVirtualDisk items and takes the child's."""
         kept = tuple((e, d) for e, d in self.metadata.other_items if not e.is_virtual_disk)
