@@ -15,7 +15,7 @@ from hvbackup import disks, tracking
 from hvbackup.errors import TrackingError
 from hvbackup.tracking.changemap import ChangeMap
 from hvbackup.tracking.ids import RctId
-from hvbackup.tracking.rctfile import RctState, Retirement
+from hvbackup.tracking.rctfile import EarlierLineage, RctState, Retirement
 from hvbackup.winerror import (
     ERROR_CTLOG_INCONSISTENT_TRACKING_FILE,
     ERROR_CTLOG_VHD_CHANGED_OFFLINE,
@@ -263,7 +263,25 @@ def test_truncated_and_swapped_side_files_mean_lost(tracked, tmp_path):
 def test_rct_round_trips_in_either_encoding(epochs):
     size = len(epochs) * G - 1000  # the last granule is partial
     changes = ChangeMap(size, G, np.array(epochs, dtype=np.uint32))
-    saved = RctState(uuid.uuid4(), 3, uuid.uuid4(), changes, [(uuid.uuid4(), Retirement.LOST)])
+    saved = RctState(uuid.uuid4(), 3, uuid.uuid4(), changes, [EarlierLineage(uuid.uuid4(), Retirement.LOST),
+                                                              EarlierLineage(uuid.uuid4(), Retirement.CONTINUED, 2)])
     loaded = RctState.unpack(saved.pack(), size)
     assert loaded.changes.epochs.tolist() == epochs and loaded.retired == saved.retired
     assert (loaded.lineage, loaded.last_sealed, loaded.data_write_guid) == (saved.lineage, 3, saved.data_write_guid)
+
+
+def test_ids_of_a_discarded_branch_are_not_answered_on_another(tracked, tmp_path):
+    """Applying a checkpoint: a second child of the same parent is another branch of history."""
+    before = first_id(tracked)
+    first, second = str(tmp_path / "first.avhdx"), str(tmp_path / "second.avhdx")
+    with disks.create(first, type="differencing", parent=tracked) as disk:
+        disk.write(0, b"discarded")
+    on_first = first_id(first)
+    os.unlink(first)
+    with disks.create(second, type="differencing", parent=tracked) as disk:
+        disk.write(5 * G, b"kept")
+    assert code_of(lambda: tracking.query(second, on_first)) == ERROR_VHD_INVALID_CHANGE_TRACKING_ID
+    assert tracking.query(second, before)[0] == [(5 * G, G)]  # the parent's IDs still hold
+    disks.merge(second)
+    assert tracking.query(tracked, before)[0] == [(5 * G, G)]
+    assert code_of(lambda: tracking.query(tracked, on_first)) == ERROR_VHD_INVALID_CHANGE_TRACKING_ID

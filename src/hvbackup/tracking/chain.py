@@ -17,8 +17,8 @@ from hvbackup.disks.device import Extent
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.tracking import mrtfile
 from hvbackup.tracking.mrtfile import MrtState, region_size_for
-from hvbackup.tracking.rctfile import RctState
-from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker
+from hvbackup.tracking.rctfile import MAX_RETIRED, EarlierLineage, RctState, Retirement
+from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker, write_marker
 from hvbackup.tracking.state import Condition, Tracking, load
 
 
@@ -31,14 +31,22 @@ def _install(disk: VhdxDisk, rct: RctState, mrt: MrtState | None = None) -> None
 
 
 def inherit(child: VhdxDisk) -> None:
-    """A new child (which copied the parent's marker) takes the parent's history. If the parent's
-    tracking cannot answer, the child's is lost too and restarts at its first writer."""
+    """A new child (which copied the parent's marker) continues the parent's history in a lineage of
+    its own: the parent's IDs up to now stay valid on the child, and points sealed on one branch
+    (another child of the same parent, after a checkpoint was applied) are never mistaken for
+    another's. If the parent's tracking cannot answer, the child's is lost too and restarts at its
+    first writer."""
     parent = child.parent
     if not isinstance(parent, VhdxDisk) or read_marker(child) is None:
         return
     tracking = load(parent)
     if tracking.condition == Condition.ACTIVE and tracking.lineage == read_marker(child):
-        _install(child, tracking.rct)
+        rct = tracking.rct
+        forked = EarlierLineage(rct.lineage, Retirement.CONTINUED, rct.last_sealed)
+        rct.retired = [*rct.retired, forked][-MAX_RETIRED:]
+        rct.lineage = uuid.uuid4()
+        _install(child, rct)
+        write_marker(child, rct.lineage)
 
 
 def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: Iterable[Extent]) -> Tracking | None:
@@ -47,7 +55,7 @@ def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: It
     if handed.condition != Condition.ACTIVE:
         return None
     present = load(parent)
-    if present.condition == Condition.ACTIVE and present.lineage == handed.lineage:
+    if present.condition == Condition.ACTIVE:
         mrt = MrtState(present.lineage, present.rct.last_sealed, parent.size,
                        region_size_for(parent.size, present.rct.changes.granularity), pending_dwg=next_guid)
         if present.mrt.base == mrt.base:

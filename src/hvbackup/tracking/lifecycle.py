@@ -14,13 +14,13 @@ from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.tracking import mrtfile
 from hvbackup.tracking.changemap import ChangeMap, choose_granularity
 from hvbackup.tracking.mrtfile import MrtState, region_size_for
-from hvbackup.tracking.rctfile import RctState, Retirement
+from hvbackup.tracking.rctfile import EarlierLineage, RctState, Retirement
 from hvbackup.tracking.sidefiles import mrt_path, rct_path, write_marker
 from hvbackup.tracking.state import Condition, Tracking, load
 
 
 def start_lineage(disk: VhdxDisk, granularity: int | None,
-                  retired: list[tuple[uuid.UUID, Retirement]] = ()) -> Tracking:
+                  retired: list[EarlierLineage] = ()) -> Tracking:
     """A new history whose first point (sequence 1) is sealed now."""
     granularity = choose_granularity(disk.size, granularity)
     lineage = uuid.uuid4()
@@ -39,7 +39,7 @@ def restart(disk: VhdxDisk, tracking: Tracking) -> Tracking:
     reason = Retirement.CHANGED_OFFLINE if tracking.condition == Condition.CHANGED_OFFLINE else Retirement.LOST
     retired = list(tracking.rct.retired) if tracking.rct else []
     if tracking.lineage is not None and tracking.lineage.int:
-        retired.append((tracking.lineage, reason))
+        retired.append(EarlierLineage(tracking.lineage, reason))
     granularity = tracking.rct.changes.granularity if tracking.rct else None
     return start_lineage(disk, granularity, retired)
 

@@ -3,9 +3,9 @@
 Layout (little-endian; docs/tracking.md is the full description)::
 
     0   8  magic "HVBKRCT\\0"             72  8  payload length (one zstd frame)
-    8   4  format version (1)            80  4  retired lineage count (<= 16)
+    8   4  format version (1)            80  4  earlier lineage count (<= 64)
     12  4  granularity (bytes)           84  4  reserved, zero
-    16 16  lineage GUID                  88     retired lineages, 20 bytes each: GUID, reason
+    16 16  lineage GUID                  88     earlier lineages, 24 bytes each: GUID, reason, up to
     32  8  virtual size                  ...    payload
     40  4  last sealed sequence          end-4  CRC-32C of every byte before it
     44  4  payload encoding: 0 dense, 1 runs
@@ -36,17 +36,25 @@ from hvbackup.tracking.changemap import MAX_GRANULARITY, MAX_GRANULES, MIN_GRANU
 
 MAGIC = b"HVBKRCT\0"
 VERSION = 1
-MAX_RETIRED = 16
+MAX_RETIRED = 64
 _HEADER = struct.Struct("<8sII16sQII16sQQII")
-_RETIRED = struct.Struct("<16sI")
+_RETIRED = struct.Struct("<16sII")
 _FRAME_OVERHEAD = 1 << 16  # zstd frame bound for incompressible input, with room to spare
 
 
 class Retirement(enum.IntEnum):
-    """Why a lineage ended; decides the error a query against one of its IDs gets."""
+    """Why an earlier lineage ended; decides how a query against one of its IDs is answered."""
 
-    CHANGED_OFFLINE = 1  # a writer that does not track modified the disk
-    LOST = 2             # the side files were missing or damaged
+    CHANGED_OFFLINE = 1  # a writer that does not track modified the disk: its IDs fail
+    LOST = 2             # the side files were missing or damaged: its IDs fail
+    CONTINUED = 3        # this history forked from it (a differencing child): its IDs up to ``up_to`` hold
+
+
+@dataclass(frozen=True)
+class EarlierLineage:
+    lineage: uuid.UUID
+    reason: Retirement
+    up_to: int = 0  # CONTINUED: the last of its points this history shares
 
 
 DENSE, RUNS = 0, 1
@@ -62,7 +70,7 @@ class RctState:
     last_sealed: int
     data_write_guid: uuid.UUID
     changes: ChangeMap
-    retired: list[tuple[uuid.UUID, Retirement]]
+    retired: list[EarlierLineage]
 
     def pack(self) -> bytes:
         epochs = self.changes.epochs
@@ -78,7 +86,7 @@ class RctState:
             MAGIC, VERSION, self.changes.granularity, self.lineage.bytes_le, self.changes.size, self.last_sealed,
             encoding, self.data_write_guid.bytes_le, runs, len(payload), len(retired), 0,
         )
-        body = header + b"".join(_RETIRED.pack(g.bytes_le, reason) for g, reason in retired) + payload
+        body = header + b"".join(_RETIRED.pack(e.lineage.bytes_le, e.reason, e.up_to) for e in retired) + payload
         return body + struct.pack("<I", crc32c(body))
 
     def save(self, path: str) -> None:
@@ -109,10 +117,10 @@ class RctState:
             raise RctFormatError("its length does not match its contents")
         retired = []
         for i in range(retired_count):
-            raw, reason = _RETIRED.unpack_from(data, _HEADER.size + i * _RETIRED.size)
-            if reason not in Retirement._value2member_map_:
-                raise RctFormatError(f"retired lineage reason {reason} is unknown")
-            retired.append((uuid.UUID(bytes_le=raw), Retirement(reason)))
+            raw, reason, up_to = _RETIRED.unpack_from(data, _HEADER.size + i * _RETIRED.size)
+            if reason not in Retirement._value2member_map_ or up_to > last_sealed:
+                raise RctFormatError(f"earlier lineage entry {i} is invalid")
+            retired.append(EarlierLineage(uuid.UUID(bytes_le=raw), Retirement(reason), up_to))
         expected = granules * 4 if encoding == DENSE else runs * 8
         try:
             raw = zstandard.ZstdDecompressor().decompress(data[at:at + payload_length], max_output_size=expected)

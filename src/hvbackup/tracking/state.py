@@ -106,14 +106,8 @@ class Tracking:
                                 f"{max_ranges}) does not fit the disk ({self.size} bytes)")
         wanted = RctId.parse(change_id)
         self.check_answerable()
-        if wanted.lineage != self.rct.lineage:
-            for lineage, reason in self.rct.retired:
-                if lineage == wanted.lineage:
-                    code, why = _RETIREMENT_ERRORS[reason]
-                    raise TrackingError(code, f"{self.path}: cannot answer for {change_id}: {why}")
-            raise TrackingError(ERROR_VHD_INVALID_CHANGE_TRACKING_ID,
-                                f"{self.path}: {change_id} is not an ID of this disk's change tracking")
-        if not 1 <= wanted.sequence <= self.rct.last_sealed:
+        last = self.rct.last_sealed if wanted.lineage == self.rct.lineage else self._earlier_points(wanted, change_id)
+        if not 1 <= wanted.sequence <= last:
             raise TrackingError(ERROR_VHD_INVALID_CHANGE_TRACKING_ID,
                                 f"{self.path}: {change_id} was never issued (the most recent ID is "
                                 f"{self.most_recent_id})")
@@ -121,6 +115,18 @@ class Tracking:
             return [], 0
         ranges, complete = self.rct.changes.changed_since(wanted.sequence, offset, offset + length, max_ranges)
         return ranges, complete - offset
+
+    def _earlier_points(self, wanted: RctId, change_id: str) -> int:
+        """How many points of ``wanted``'s lineage this history shares (it forked from it), or the
+        error that lineage's end gives."""
+        for earlier in reversed(self.rct.retired):
+            if earlier.lineage == wanted.lineage:
+                if earlier.reason == Retirement.CONTINUED:
+                    return earlier.up_to
+                code, why = _RETIREMENT_ERRORS[earlier.reason]
+                raise TrackingError(code, f"{self.path}: cannot answer for {change_id}: {why}")
+        raise TrackingError(ERROR_VHD_INVALID_CHANGE_TRACKING_ID,
+                            f"{self.path}: {change_id} is not an ID of this disk's change tracking")
 
     def check_answerable(self) -> None:
         if self.condition == Condition.DISABLED:
