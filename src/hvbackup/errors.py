@@ -26,6 +26,15 @@ class DiskBusyError(DiskError):
     """Another process has the disk open for writing."""
 
 
+class HostError(HvBackupError):
+    """The virtualization host cannot do what was asked (unknown VM, wrong state, damaged metadata).
+    ``return_value`` is the WMI method return value Hyper-V gives for it (32768 Failed by default)."""
+
+    def __init__(self, message: str, return_value: int = 32768):
+        super().__init__(message)
+        self.return_value = return_value
+
+
 class CodedError(HvBackupError):
     """A failure that carries a Windows error code (``hvbackup.winerror``) for API-shaped callers."""
 

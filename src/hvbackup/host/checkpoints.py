@@ -1,0 +1,209 @@
+"""Checkpoints (Msvm_VirtualSystemSnapshotService): create, apply, destroy, and the merges that
+follow.
+
+Each disk's files form a tree recorded in the VM document (``files``: file -> parent). Creating a
+checkpoint freezes every disk's active file and gives it a new child (an AVHDX) that takes the
+writes. Applying one gives its frozen files a new child and makes that active. Destroying one only
+drops its record; ``collapse`` then tidies the tree: a file that is neither active nor frozen by a
+checkpoint is deleted if nothing sits on it, and merged with its child if exactly one does.
+
+Every step that changes files is preceded by an intent in the VM document, so whoever opens the host
+after a crash finishes it (``recovery.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from hvbackup import disks, tracking
+from hvbackup.errors import DiskBusyError, HostError
+from hvbackup.host.model import (
+    CONSISTENCY_CRASH,
+    SNAPSHOT_TYPE_FULL,
+    SNAPSHOT_TYPE_RECOVERY,
+    Checkpoint,
+    CheckpointDisk,
+    VmConfig,
+    VmState,
+    new_id,
+)
+from hvbackup.host.vm import INVALID_PARAMETER, INVALID_STATE, SYSTEM_IN_USE, Vm
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def boot_id() -> str:
+    try:
+        with open(BOOT_ID_PATH) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def create(vm: Vm, *, snapshot_type: int = SNAPSHOT_TYPE_FULL, name: str | None = None,
+           consistency_level: int = CONSISTENCY_CRASH, owner_pid: int | None = None) -> Checkpoint:
+    """CreateSnapshot: quiesce, seal a tracking point per disk, freeze each active file under a new
+    AVHDX, record the configuration. ``owner_pid`` marks a recovery checkpoint as a running backup's."""
+    if snapshot_type not in (SNAPSHOT_TYPE_FULL, SNAPSHOT_TYPE_RECOVERY):
+        raise HostError(f"snapshot type {snapshot_type} is not 2 (standard) or 32768 (recovery)", INVALID_PARAMETER)
+    with vm.host.lock.held(), vm.quiesced():
+        document = vm.load()
+        config = VmConfig.from_dict(document["config"])
+        checkpoint_id = new_id()
+        try:
+            rct_ids = [tracking.seal(vm.path_of(d.active)) for d in config.disks]
+        except DiskBusyError:
+            raise HostError(f"VM {config.name}: a disk is in use by another process", SYSTEM_IN_USE) from None
+        children = [_child_name(d.active, checkpoint_id) for d in config.disks]
+        document["intent"] = {"op": "create_checkpoint", "files": children}
+        vm.save(document)
+        for attachment, child in zip(config.disks, children):
+            disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(attachment.active)).close()
+        checkpoint = Checkpoint(
+            instance_id=checkpoint_id,
+            name=name or f"{config.name} - ({now()})",
+            snapshot_type=snapshot_type,
+            created=now(),
+            consistency_level=consistency_level,
+            state=document["state"],
+            config=config.to_dict(),
+            disks=[CheckpointDisk(d.instance_id, d.active, rct) for d, rct in zip(config.disks, rct_ids)],
+            parent=document.get("current_checkpoint"),
+            owner={"pid": owner_pid, "boot_id": boot_id()} if owner_pid else None,
+        )
+        for attachment, child in zip(config.disks, children):
+            document["files"][attachment.instance_id][child] = attachment.active
+            attachment.chain.append(child)
+        document["config"] = config.to_dict()
+        document["checkpoints"].append(checkpoint.to_dict())
+        document["current_checkpoint"] = checkpoint_id
+        document["intent"] = None
+        vm.save(document)
+        return checkpoint
+
+
+def _child_name(active: str, checkpoint_id: str) -> str:
+    directory, base = os.path.split(active)
+    stem = base.rsplit("_", 1)[0] if base.endswith(".avhdx") else os.path.splitext(base)[0]
+    return os.path.join(directory, f"{stem}_{checkpoint_id}.avhdx")
+
+
+def destroy(vm: Vm, checkpoint_id: str) -> None:
+    """DestroySnapshot: drop the checkpoint and merge away the files only it needed."""
+    with vm.host.lock.held():
+        document = vm.load()
+        checkpoint = vm.checkpoint(checkpoint_id)
+        _drop_record(document, checkpoint)
+        document["intent"] = {"op": "collapse"}
+        vm.save(document)
+        collapse(vm)
+
+
+def _drop_record(document: dict, checkpoint: Checkpoint) -> None:
+    document["checkpoints"] = [c for c in document["checkpoints"] if c["instance_id"] != checkpoint.instance_id]
+    for other in document["checkpoints"]:
+        if other.get("parent") == checkpoint.instance_id:
+            other["parent"] = checkpoint.parent
+    if document.get("current_checkpoint") == checkpoint.instance_id:
+        document["current_checkpoint"] = checkpoint.parent
+
+
+def apply(vm: Vm, checkpoint_id: str) -> None:
+    """ApplySnapshot: the VM continues from the checkpoint (its configuration and state, its disks
+    through new AVHDX files on the frozen ones); what was written since is discarded."""
+    with vm.host.lock.held(), vm.quiesced():
+        document = vm.load()
+        checkpoint = vm.checkpoint(checkpoint_id)
+        config = VmConfig.from_dict(checkpoint.config)
+        branch_id = new_id()
+        children = [_child_name(d.frozen, branch_id) for d in checkpoint.disks]
+        document["intent"] = {"op": "create_checkpoint", "files": children}
+        vm.save(document)
+        frozen = {d.instance_id: d.frozen for d in checkpoint.disks}
+        for attachment, child in zip(config.disks, children):
+            parent = frozen[attachment.instance_id]
+            disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(parent)).close()
+            document["files"][attachment.instance_id][child] = parent
+            attachment.chain = _chain_to(document["files"][attachment.instance_id], child)
+        document["config"] = config.to_dict()
+        document["state"] = checkpoint.state if checkpoint.state != VmState.RUNNING else int(VmState.SAVED)
+        document["current_checkpoint"] = checkpoint.instance_id
+        document["intent"] = {"op": "collapse"}
+        vm.save(document)
+        collapse(vm)
+
+
+def _chain_to(files: dict[str, str | None], leaf: str) -> list[str]:
+    chain = [leaf]
+    while files[chain[-1]] is not None:
+        chain.append(files[chain[-1]])
+    return chain[::-1]
+
+
+def collapse(vm: Vm) -> None:
+    """Delete files nothing needs and merge a file nothing but its one child needs into that child's
+    place, until neither applies; then clear the intent. Safe to run again after a crash."""
+    with vm.host.lock.held(), vm.quiesced():
+        while _collapse_one(vm):
+            pass
+        document = vm.load()
+        document["intent"] = None
+        vm.save(document)
+
+
+def _collapse_one(vm: Vm) -> bool:
+    document = vm.load()
+    config = VmConfig.from_dict(document["config"])
+    for attachment in config.disks:
+        files: dict[str, str | None] = document["files"][attachment.instance_id]
+        frozen = (d["frozen"] for c in document["checkpoints"] for d in c["disks"])
+        needed = {attachment.active, *frozen}
+        for name in list(files):
+            if name in needed:
+                continue
+            kids = [f for f, p in files.items() if p == name]
+            if not kids:
+                _remove_file(vm.path_of(name))
+                del files[name]
+                vm.save(document)
+                return True
+            if len(kids) == 1:
+                _merge_down(vm, document, attachment.instance_id, name, kids[0])
+                return True
+    return False
+
+
+def _merge_down(vm: Vm, document: dict, instance_id: str, parent: str, child: str) -> None:
+    """Fold ``child`` into ``parent`` (which nothing else needs); ``parent`` takes the child's place."""
+    files = document["files"][instance_id]
+    grandchildren = [f for f, p in files.items() if p == child]
+    if os.path.exists(vm.path_of(child)):
+        disks.merge(vm.path_of(child), children=[vm.path_of(g) for g in grandchildren])
+    for g in grandchildren:
+        files[g] = parent
+    del files[child]
+    for c in document["checkpoints"]:
+        for d in c["disks"]:
+            if d["instance_id"] == instance_id and d["frozen"] == child:
+                d["frozen"] = parent
+    for attachment in document["config"]["disks"]:
+        if attachment["instance_id"] == instance_id:
+            attachment["chain"] = _chain_to(files, parent if attachment["chain"][-1] == child
+                                            else attachment["chain"][-1])
+    vm.save(document)
+
+
+def _remove_file(path: str) -> None:
+    for side in (path, path + ".rct", path + ".mrt"):
+        if os.path.exists(side):
+            os.unlink(side)
+
+
+def require_recovery(checkpoint: Checkpoint) -> None:
+    if checkpoint.snapshot_type != SNAPSHOT_TYPE_RECOVERY:
+        raise HostError(f"checkpoint {checkpoint.instance_id} is not a recovery checkpoint", INVALID_STATE)

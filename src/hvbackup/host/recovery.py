@@ -1,0 +1,122 @@
+"""Finishing what a crash interrupted, and finding what interrupted backups left behind.
+
+An intent in a VM document names the operation in progress:
+
+* ``create_checkpoint`` (also the first half of applying one): the new AVHDX files it lists were
+  not yet recorded, so no guest write reached them; they are deleted.
+* ``collapse``: the merges and deletions after destroying or applying a checkpoint; they are run
+  again (each merge resumes where it stopped).
+
+Orphans, what ``hvbackup checkpoint clean`` removes: recovery checkpoints whose backup is gone (the
+process that took them ended, or none was recorded and they are older than a day), disk files in
+the VM's directory that no VM record names, and VM directories a crash left half-created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hvbackup.host import checkpoints
+from hvbackup.host.model import SNAPSHOT_TYPE_RECOVERY, Checkpoint
+from hvbackup.host.vm import DISK_DIRECTORY, Vm
+
+if TYPE_CHECKING:
+    from hvbackup.host.host import Host
+
+UNOWNED_MAX_AGE = datetime.timedelta(days=1)
+DISK_SUFFIXES = (".vhdx", ".avhdx", ".vhd", ".avhd")
+
+
+def recover_all(host: Host) -> None:
+    with host.lock.held():
+        root = os.path.join(host.directory, "vms")
+        for name in os.listdir(root):
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        for vm in host.vms():
+            recover(vm)
+
+
+def recover(vm: Vm) -> None:
+    document = vm.load()
+    intent = document.get("intent")
+    if not intent:
+        return
+    if intent["op"] == "create_checkpoint":
+        recorded = {f for files in document["files"].values() for f in files}
+        for name in intent["files"]:
+            if name not in recorded:
+                checkpoints._remove_file(vm.path_of(name))
+        document["intent"] = None
+        vm.save(document)
+    elif intent["op"] == "collapse":
+        checkpoints.collapse(vm)
+
+
+@dataclass
+class Orphans:
+    checkpoints: list[tuple[Vm, Checkpoint, str]]   # (vm, checkpoint, why)
+    files: list[tuple[Vm, str]]                      # unrecorded disk files
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoints": [{"vm": vm.name, "vm_id": vm.vm_id, "id": c.instance_id, "name": c.name,
+                             "created": c.created, "why": why} for vm, c, why in self.checkpoints],
+            "files": [{"vm": vm.name, "path": vm.path_of(f)} for vm, f in self.files],
+        }
+
+
+def find_orphans(host: Host, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orphans:
+    found = Orphans([], [])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for vm in host.vms():
+        for checkpoint in vm.checkpoints():
+            if checkpoint.snapshot_type == SNAPSHOT_TYPE_RECOVERY:
+                why = _stray(checkpoint, now, max_age)
+                if why:
+                    found.checkpoints.append((vm, checkpoint, why))
+        document = vm.load()
+        recorded = {f for files in document["files"].values() for f in files}
+        disk_dir = vm.path_of(DISK_DIRECTORY)
+        for name in sorted(os.listdir(disk_dir)) if os.path.isdir(disk_dir) else []:
+            relative = os.path.join(DISK_DIRECTORY, name)
+            if name.endswith(DISK_SUFFIXES) and relative not in recorded:
+                found.files.append((vm, relative))
+    return found
+
+
+def _stray(checkpoint: Checkpoint, now: datetime.datetime, max_age: datetime.timedelta) -> str | None:
+    owner = checkpoint.owner
+    if owner:
+        if owner.get("boot_id") != checkpoints.boot_id():
+            return "the host restarted since the backup that took it"
+        if not _alive(owner["pid"]):
+            return f"the backup that took it (process {owner['pid']}) is gone"
+        return None
+    age = now - datetime.datetime.fromisoformat(checkpoint.created)
+    return f"no backup owns it and it is {age.days} days old" if age > max_age else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean(host: Host, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orphans:
+    """Destroy stray recovery checkpoints (merging their files away) and delete unrecorded files."""
+    with host.lock.held():
+        orphans = find_orphans(host, max_age=max_age)
+        for vm, checkpoint, _ in orphans.checkpoints:
+            checkpoints.destroy(vm, checkpoint.instance_id)
+        for vm, name in orphans.files:
+            checkpoints._remove_file(vm.path_of(name))
+        return orphans
