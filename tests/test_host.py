@@ -146,3 +146,33 @@ def test_an_interrupted_checkpoint_creation_is_undone_on_open(vm, host):
     vm.save(document)
     Host.open(host.directory)
     assert not os.path.exists(vm.path_of(leftover)) and vm.load()["intent"] is None
+
+
+CONCURRENT_WORKER = """
+import sys
+from hvbackup.host import Host, checkpoints
+host = Host.open(sys.argv[1])
+vm = host.vm("web")
+for i in range(12):
+    c = checkpoints.create(vm, name=f"{sys.argv[2]}-{i}")
+    if i % 3:
+        checkpoints.destroy(vm, c.instance_id)
+"""
+
+
+def test_concurrent_processes_are_serialised(host):
+    import subprocess
+    import sys
+
+    vm = host.create_vm("web", [16 * MiB])
+    workers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WORKER, host.directory, name]) for name in "ab"]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0]
+    names = sorted(c.name for c in vm.checkpoints())
+    assert names == sorted(f"{w}-{i}" for w in "ab" for i in range(0, 12, 3))
+    document = vm.load()
+    assert document["intent"] is None
+    recorded = {f for files in document["files"].values() for f in files}
+    on_disk = {os.path.join("Virtual Hard Disks", f) for f in disk_files(vm) if f.endswith(("vhdx", "avhdx"))}
+    assert recorded == on_disk
+    for name in recorded:
+        assert disks.check(vm.path_of(name)).ok
