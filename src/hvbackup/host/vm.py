@@ -151,21 +151,26 @@ class Vm:
             yield
 
 
-class GuestDisk:
-    """What the guest sees of one disk: read, write and flush at virtual-disk offsets, recorded by
-    change tracking. It stays valid across checkpoints (it always reaches the active file)."""
+class GuestDisk(BlockDevice):
+    """What the guest sees of one disk: a filter over the disk's active file (itself the change
+    tracking filter over the VHDX), serialised with the VM's checkpoint operations. It stays valid
+    across checkpoints: every call reaches the file that is active at that moment. Closing it
+    releases nothing; the VM owns the open files."""
 
     def __init__(self, vm: Vm, index: int):
         self.vm, self.index = vm, index
+        self.path = f"{vm.name}:disk{index}"
+        self.read_only = False
+        self.closed = False
+        with vm.io_lock:
+            device = vm._device(index)
+            for name in ("size", "block_size", "logical_sector_size", "physical_sector_size", "format",
+                         "disk_type", "disk_id"):
+                setattr(self, name, getattr(device, name))
 
-    @property
-    def size(self) -> int:
+    def readinto(self, offset: int, buffer) -> None:
         with self.vm.io_lock:
-            return self.vm._device(self.index).size
-
-    def read(self, offset: int, length: int) -> bytes:
-        with self.vm.io_lock:
-            return self.vm._device(self.index).read(offset, length)
+            self.vm._device(self.index).readinto(offset, buffer)
 
     def write(self, offset: int, data) -> None:
         with self.vm.io_lock:
@@ -175,6 +180,19 @@ class GuestDisk:
         with self.vm.io_lock:
             self.vm._device(self.index).trim(offset, length)
 
+    def _write(self, offset: int, data: memoryview) -> None:
+        self.write(offset, data)
+
+    def _trim(self, offset: int, length: int) -> None:
+        self.trim(offset, length)
+
     def flush(self) -> None:
         with self.vm.io_lock:
             self.vm._device(self.index).flush()
+
+    def _extents(self, start: int, end: int):
+        with self.vm.io_lock:
+            return list(self.vm._device(self.index).extents(start, end - start))
+
+    def _close(self) -> None:
+        pass
