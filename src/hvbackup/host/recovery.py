@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hvbackup.errors import HvBackupError
 from hvbackup.host import checkpoints
 from hvbackup.host.model import SNAPSHOT_TYPE_RECOVERY, Checkpoint
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
@@ -38,7 +39,10 @@ def recover_all(host: Host) -> None:
             if name.endswith(".partial"):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         for vm in host.vms():
-            recover(vm)
+            try:
+                recover(vm)
+            except HvBackupError:
+                continue  # e.g. a disk another process holds open; the intent stays for the next open
 
 
 def recover(vm: Vm) -> None:
