@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from hvbackup.cli import disk, quickstart
+from hvbackup.cli import checkpoint, disk, host, quickstart, refpoint, vm
 from hvbackup.cli.output import EXIT_FAILED, error_line, show_help_without_command, stderr
 from hvbackup.errors import HvBackupError
 
@@ -18,6 +18,10 @@ app = typer.Typer(
 )
 app.callback(invoke_without_command=True)(show_help_without_command)
 app.add_typer(disk.app, name="disk")
+app.add_typer(host.app, name="host")
+app.add_typer(vm.app, name="vm")
+app.add_typer(checkpoint.app, name="checkpoint")
+app.add_typer(refpoint.app, name="refpoint")
 app.command("quickstart")(quickstart.quickstart)
 
 

@@ -14,7 +14,16 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from hvbackup.errors import CodedError, HvBackupError
 from hvbackup.virtdisk import CHANGE_TRACKING_RESET_ERRORS
@@ -78,3 +87,16 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator:
     with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total or None)
+
+
+@contextlib.contextmanager
+def job_progress(description: str, enabled: bool = True) -> Iterator:
+    """A callback (percent) that drives a percentage bar for a host job (Msvm_ConcreteJob's
+    PercentComplete) on stderr when it is a terminal."""
+    if not (enabled and stderr.is_terminal):
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=100)
+        yield lambda percent: bar.update(task, completed=percent)

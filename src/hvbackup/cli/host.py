@@ -1,0 +1,77 @@
+"""``hvbackup host init DIR``, and what the VM, checkpoint and reference point commands share: the
+``--host`` option, finding a checkpoint by ID, and following a service call to its end.
+
+A service method answers like WMI (``hvbackup.host.services``): 0 and a result, 4096 and a job, or a
+failure value. ``finish`` turns that into the result or an exception, and polls a job as WMI clients
+do, drawing its ``percent_complete`` on a progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import typer
+
+from hvbackup.cli.output import emit_json, job_progress, show_help_without_command, stdout
+from hvbackup.errors import HostError, HvBackupError
+from hvbackup.host import Checkpoint, Host, Vm
+from hvbackup.host.jobs import ConcreteJob
+
+app = typer.Typer(help="The virtualization host: a directory of VMs.")
+app.callback(invoke_without_command=True)(show_help_without_command)
+
+HOST = typer.Option(None, "--host", envvar="HVBACKUP_HOST", show_envvar=True,
+                    help="The host directory (hvbackup host init).")
+JSON = typer.Option(False, "--json", help="Print one JSON value instead of text.")
+
+
+def open_host(directory: Optional[str]) -> Host:
+    if not directory:
+        raise typer.BadParameter("give the host directory with --host or HVBACKUP_HOST", param_hint="--host")
+    if not os.path.isfile(os.path.join(directory, "host.json")):
+        raise HostError(f"{directory} is not a host (make one with 'hvbackup host init {directory}')")
+    return Host.open(directory)
+
+
+def find_checkpoint(host: Host, checkpoint_id: str, vm_name: Optional[str] = None) -> tuple[Vm, Checkpoint]:
+    """The checkpoint with this instance ID (or name) on the VM given, or on whichever VM has it."""
+    candidates = [host.vm(vm_name)] if vm_name else host.vms()
+    found = [(vm, c) for vm in candidates for c in vm.checkpoints()
+             if c.instance_id.lower() == checkpoint_id.lower() or c.name == checkpoint_id]
+    if not found:
+        raise HostError(f"no checkpoint {checkpoint_id!r} on {vm_name or 'this host'}", 32773)
+    if len(found) > 1:
+        raise HostError(f"{len(found)} checkpoints are called {checkpoint_id!r}; give its ID or --vm", 32773)
+    return found[0]
+
+
+def finish(answer: tuple[int, Any], description: str, *, show_progress: bool = True) -> Any:
+    """The result of a service call; a failure raises what caused it (one line on stderr)."""
+    return_value, value = answer
+    if return_value == 0:
+        return value
+    if not isinstance(value, ConcreteJob):
+        raise value.exception
+    job = value
+    with job_progress(description, enabled=show_progress) as update:
+        while not job.wait(0.1):
+            if update:
+                update(job.percent_complete)
+    if job.succeeded:
+        return job.result
+    if isinstance(job.exception, HvBackupError):
+        raise job.exception
+    raise HostError(f"{description}: job {job.instance_id} ended {job.job_state.name.title()} "
+                    f"({job.error_code}): {job.error_description}", job.error_code or 32768) from job.exception
+
+
+@app.command("init")
+def init(directory: str = typer.Argument(..., help="The directory to make a host of."), json: bool = JSON) -> None:
+    """Make DIR an empty host."""
+    host = Host.init(directory)
+    document = {"directory": host.directory, "vms": []}
+    if json:
+        emit_json(document)
+    else:
+        stdout.print(f"host ready at {host.directory}", markup=False, soft_wrap=True)
