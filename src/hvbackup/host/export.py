@@ -1,0 +1,276 @@
+"""Msvm_VirtualSystemManagementService.ExportSystemDefinition for backups: a checkpoint's
+configuration and disks copied to a directory, full or differential, as
+Msvm_VirtualSystemExportSettingData (``ExportSettings``) asks.
+
+Layout, as Hyper-V writes it (without CreateVmExportSubdirectory there is no ``<VM name>`` level)::
+
+    <ExportDirectory>/<VM name>/Virtual Machines/<VM id>.vmcx           the checkpoint's configuration
+    <ExportDirectory>/<VM name>/Virtual Hard Disks/<disk>.vhdx           a full copy of each disk
+    <ExportDirectory>/<VM name>/Virtual Hard Disks/<disk>_<checkpoint>.avhdx   or a differential
+
+A differential (DifferentialBackupBase set) holds only the ranges change tracking reports since the
+base, a reference point or a checkpoint, and names the base's exported disk as its parent: base and
+differential read as the disk at the checkpoint. With BackupIntent Merge the ranges are written into
+the base's exported disk instead, which moves into the destination: one up-to-date full set; the
+base's export is consumed. The exported disks are recorded in the checkpoint (``exported``), so the
+reference point it becomes knows the parents of the next differential.
+
+Crash safety: each disk is built under a hidden name and renamed into place once flushed; the .vmcx
+comes last, so an export whose .vmcx exists is complete. An interrupted Merge leaves
+``.<disk>.vhdx.merging`` in the destination; running the same export again resumes it (it writes the
+same ranges again). The host lock is held throughout, so the checkpoint's files cannot be merged away
+while they are read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from hvbackup import disks
+from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
+from hvbackup.disks.device import Extent, ExtentState
+from hvbackup.disks.fileio import replace_file, sync_directory
+from hvbackup.errors import DiskError, HostError
+from hvbackup.host.changes import FAILED, INVALID_PARAMETER, NOT_SUPPORTED, changed_ranges
+from hvbackup.host.model import (
+    BACKUP_INTENT_MERGE,
+    BACKUP_INTENT_PRESERVE_CHAIN,
+    EXPORT_ONE_SNAPSHOT,
+    EXPORT_ONE_SNAPSHOT_FOR_BACKUP,
+    Checkpoint,
+    ExportSettings,
+)
+from hvbackup.host.vm import DISK_DIRECTORY, Vm
+
+CONFIG_DIRECTORY = "Virtual Machines"
+DEFINITION_FORMAT = "hvbackup-vmcx"
+DEFINITION_VERSION = 1
+
+
+@dataclass
+class Base:
+    """The DifferentialBackupBase: per virtual disk identifier, its RCT ID and its exported file."""
+
+    kind: str                  # the VM document list it is in: "reference_points" or "checkpoints"
+    instance_id: str
+    rct_ids: dict[str, str]
+    exported: dict[str, str]
+
+
+def export_system_definition(vm: Vm, directory: str, settings: ExportSettings, *,
+                             progress: Progress | None = None,
+                             cancelled: Callable[[], bool] | None = None) -> dict:
+    """Export the checkpoint ``settings.snapshot_virtual_system``; returns the files written:
+    ``{"directory", "definition_file", "virtual_hard_disks": [...]}``."""
+    _check_settings(settings)
+    with vm.host.lock.held():
+        checkpoint = vm.checkpoint(settings.snapshot_virtual_system)
+        base = _base(vm, settings.differential_backup_base, checkpoint) if settings.differential_backup_base else None
+        merge = base is not None and settings.backup_intent == BACKUP_INTENT_MERGE
+        root = os.path.join(directory, vm.name) if settings.create_vm_export_subdirectory else directory
+        definition = os.path.join(root, CONFIG_DIRECTORY, f"{vm.vm_id}.vmcx")
+        names = [_disk_name(checkpoint, i, differential=base is not None and not merge)
+                 for i in range(len(checkpoint.disks))]
+        targets = [os.path.join(root, DISK_DIRECTORY, name) for name in names]
+        for path in [definition, *(targets if settings.copy_vm_storage else [])]:
+            if os.path.lexists(path):
+                raise HostError(f"{path} already exists: export into an empty directory", INVALID_PARAMETER)
+        os.makedirs(os.path.dirname(definition), exist_ok=True)
+        exported = []
+        if settings.copy_vm_storage:
+            os.makedirs(os.path.join(root, DISK_DIRECTORY), exist_ok=True)
+            exported = _export_disks(vm, checkpoint, base, merge, targets, _Meter(progress, cancelled))
+        _write_definition(definition, vm, checkpoint, settings, names)
+        if settings.copy_vm_storage:
+            _record(vm, checkpoint, base if merge else None, exported)
+        return {"directory": root, "definition_file": definition, "virtual_hard_disks": exported}
+
+
+def _check_settings(settings: ExportSettings) -> None:
+    csc = settings.copy_snapshot_configuration
+    if csc not in (EXPORT_ONE_SNAPSHOT, EXPORT_ONE_SNAPSHOT_FOR_BACKUP):
+        code = NOT_SUPPORTED if csc in (0, 1) else INVALID_PARAMETER
+        raise HostError(f"CopySnapshotConfiguration {csc}: only 2 (ExportOneSnapshot) and 3 "
+                        "(ExportOneSnapshotForBackup) are supported", code)
+    if not settings.snapshot_virtual_system:
+        raise HostError("SnapshotVirtualSystem names no checkpoint to export", INVALID_PARAMETER)
+    if settings.differential_backup_base and csc != EXPORT_ONE_SNAPSHOT_FOR_BACKUP:
+        raise HostError("DifferentialBackupBase needs CopySnapshotConfiguration 3", INVALID_PARAMETER)
+    if settings.backup_intent not in (BACKUP_INTENT_PRESERVE_CHAIN, BACKUP_INTENT_MERGE):
+        raise HostError(f"BackupIntent {settings.backup_intent} is not 0 (PreserveChain) or 1 (Merge)",
+                        INVALID_PARAMETER)
+    if settings.capture_live_state not in (0, 1, 2):
+        raise HostError(f"CaptureLiveState {settings.capture_live_state} is not 0, 1 or 2", INVALID_PARAMETER)
+
+
+def _base(vm: Vm, base_id: str, checkpoint: Checkpoint) -> Base:
+    for point in vm.reference_points():
+        if point.instance_id.lower() == base_id.lower():
+            exported = dict(zip(point.virtual_disk_identifiers, point.exported))
+            return Base("reference_points", point.instance_id,
+                        dict(zip(point.virtual_disk_identifiers, point.resilient_change_tracking_identifiers)),
+                        exported)
+    for other in vm.checkpoints():
+        if other.instance_id.lower() == base_id.lower() and other.instance_id != checkpoint.instance_id:
+            ids = [d.instance_id for d in other.disks]
+            return Base("checkpoints", other.instance_id, {d.instance_id: d.rct_id for d in other.disks},
+                        dict(zip(ids, other.exported)))
+    raise HostError(f"VM {vm.name} has no reference point or other checkpoint {base_id} to be the "
+                    "DifferentialBackupBase", INVALID_PARAMETER)
+
+
+def _disk_name(checkpoint: Checkpoint, index: int, *, differential: bool) -> str:
+    """The base file's name for a full set (as Hyper-V names exported disks), with the checkpoint's
+    ID for a differential."""
+    stem = os.path.splitext(os.path.basename(checkpoint.config["disks"][index]["chain"][0]))[0]
+    return f"{stem}_{checkpoint.instance_id}.avhdx" if differential else f"{stem}.vhdx"
+
+
+class _Meter:
+    """Progress over all disks, and the cancellation check between pieces."""
+
+    def __init__(self, progress: Progress | None, cancelled: Callable[[], bool] | None):
+        self.progress, self.cancelled = progress, cancelled
+        self.done = self.total = 0
+
+    def check(self) -> None:
+        if self.cancelled and self.cancelled():
+            raise HostError("the export was cancelled", FAILED)
+
+    def piece(self, done_in_disk: int, _total_in_disk: int) -> None:
+        if self.progress:
+            self.progress(self.done + done_in_disk, self.total)
+        self.check()
+
+
+def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool, targets: list[str],
+                  meter: _Meter) -> list[str]:
+    plans = []
+    for disk in checkpoint.disks:
+        source = vm.path_of(disk.frozen)
+        with disks.open(source, read_only=True) as src:
+            size, extents = src.size, list(src.extents())
+        if base is None:
+            plans.append((source, None, None, data_bytes(extents)))
+            continue
+        rct_id, parent = base.rct_ids.get(disk.instance_id), base.exported.get(disk.instance_id)
+        if rct_id is None:
+            raise HostError(f"the base {base.instance_id} does not know disk {disk.instance_id}", INVALID_PARAMETER)
+        if parent is None:
+            raise HostError(f"the base {base.instance_id} has no export of disk {disk.instance_id}: a "
+                            "differential export needs the base's exported disk as its parent; export the "
+                            "base checkpoint before converting it, or take a full export", INVALID_PARAMETER)
+        ranges = [Extent(o, n, ExtentState.DATA) for o, n in changed_ranges(source, rct_id, size)]
+        plans.append((source, parent, ranges, data_bytes(ranges)))
+    meter.total = sum(plan[3] for plan in plans)
+    exported = []
+    for (source, parent, ranges, count), target in zip(plans, targets):
+        meter.check()
+        try:
+            if ranges is None:
+                disks.convert(source, target, progress=meter.piece)
+            elif merge:
+                _merge_into(source, ranges, parent, target, meter)
+            else:
+                _differential(source, ranges, parent, target, meter)
+        except DiskError as exc:
+            raise HostError(f"exporting {source}: {exc}", FAILED) from None
+        meter.done += count
+        exported.append(os.path.abspath(target))
+    return exported
+
+
+def _hidden(target: str, suffix: str) -> str:
+    directory, name = os.path.split(target)
+    return os.path.join(directory, f".{name}.{suffix}")
+
+
+def _differential(source: str, ranges: list[Extent], parent: str, target: str, meter: _Meter) -> None:
+    """A differencing VHDX on ``parent`` holding the changed ranges of ``source``."""
+    if not os.path.isfile(parent):
+        raise HostError(f"the base's exported disk {parent} is missing; a differential needs it as its parent",
+                        INVALID_PARAMETER)
+    temp = _hidden(target, "exporting")
+    if os.path.lexists(temp):
+        os.unlink(temp)  # left by an interrupted export
+    try:
+        with disks.open(source, read_only=True) as src, \
+                disks.create(temp, type="differencing", parent=parent) as dst:
+            # Zeros are written too: the parent may hold data where the disk now reads zeros.
+            copy_data(src, dst, data_pieces(ranges), skip_zeros=False, total=data_bytes(ranges),
+                      progress=meter.piece)
+        os.rename(temp, target)
+        sync_directory(os.path.dirname(target))
+    except BaseException:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+
+
+def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, meter: _Meter) -> None:
+    """BackupIntent Merge: move the base's full disk to the destination and write the changed ranges
+    into it. Moved first, so the base is never left looking whole while holding part of the changes."""
+    working = _hidden(target, "merging")
+    if os.path.isfile(base_disk):
+        with disks.open(base_disk, read_only=True) as base, disks.open(source, read_only=True) as src:
+            if base.parent is not None or base.size != src.size:
+                raise HostError(f"{base_disk} is not a full copy of the disk: Merge needs a full base export",
+                                INVALID_PARAMETER)
+        try:
+            os.replace(base_disk, working)
+        except OSError as exc:
+            code = INVALID_PARAMETER if exc.errno == errno.EXDEV else FAILED
+            raise HostError(f"cannot move {base_disk} to {working}: {exc.strerror} (Merge needs the "
+                            "destination on the base export's file system)", code) from None
+        sync_directory(os.path.dirname(base_disk))
+        sync_directory(os.path.dirname(working))
+    elif not os.path.isfile(working):
+        raise HostError(f"the base's exported disk {base_disk} is missing; Merge writes into it", INVALID_PARAMETER)
+    with disks.open(source, read_only=True) as src, disks.open(working, tracked=False) as dst:
+        copy_data(src, dst, data_pieces(ranges), skip_zeros=False, total=data_bytes(ranges), progress=meter.piece)
+    os.rename(working, target)
+    sync_directory(os.path.dirname(target))
+
+
+def _write_definition(path: str, vm: Vm, checkpoint: Checkpoint, settings: ExportSettings,
+                      names: list[str]) -> None:
+    """The .vmcx: the checkpoint's configuration under the VM's ID (ExportOneSnapshotForBackup), its
+    disks named by their files in ``Virtual Hard Disks``."""
+    config = json.loads(json.dumps(checkpoint.config))
+    for attachment, name in zip(config["disks"], names):
+        attachment["chain"] = [name]
+    definition = {
+        "format": DEFINITION_FORMAT,
+        "version": DEFINITION_VERSION,
+        "virtual_system_identifier": vm.vm_id,
+        "configuration": config,
+        "snapshot": {
+            "instance_id": checkpoint.instance_id, "element_name": checkpoint.name,
+            "virtual_system_type": checkpoint.virtual_system_type, "created": checkpoint.created,
+            "consistency_level": checkpoint.consistency_level,
+            "resilient_change_tracking_identifiers": [d.rct_id for d in checkpoint.disks],
+        },
+        "differential_backup_base": settings.differential_backup_base,
+        "backup_intent": settings.backup_intent,
+    }
+    if settings.copy_vm_runtime_information:
+        definition["runtime"] = {"enabled_state": checkpoint.state}
+    replace_file(path, (json.dumps(definition, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _record(vm: Vm, checkpoint: Checkpoint, consumed: Base | None, exported: list[str]) -> None:
+    """The checkpoint now has an export; a base a Merge wrote into has none any more."""
+    with vm.host.lock.held():
+        document = vm.load()
+        for entry in document["checkpoints"]:
+            if entry["instance_id"] == checkpoint.instance_id:
+                entry["exported"] = exported
+        if consumed is not None:
+            for entry in document[consumed.kind]:
+                if entry["instance_id"] == consumed.instance_id:
+                    entry["exported"] = []
+        vm.save(document)

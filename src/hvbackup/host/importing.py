@@ -1,0 +1,151 @@
+"""Msvm_VirtualSystemManagementService.ImportSystemDefinition and RealizePlannedSystem: an exported VM
+(``export.py``) made a VM of the host again.
+
+ImportSystemDefinition reads the .vmcx and checks that every disk it names opens from the export's
+``Virtual Hard Disks`` directory — a full copy, or a differential whose parent (the previous export's
+disk, found by its parent locator or next to the differential) is there and unchanged — and returns a
+planned system (Msvm_PlannedComputerSystem). RealizePlannedSystem copies each disk, its chain
+flattened, into a new VM directory as a tracked VHDX and registers the VM, Off, under the exported ID
+or, when asked, a new one. The VM directory is built under a ``.partial`` name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hvbackup import disks, tracking
+from hvbackup.disks.fileio import sync_directory
+from hvbackup.errors import DiskError, HostError
+from hvbackup.host import store
+from hvbackup.host.export import CONFIG_DIRECTORY, DEFINITION_FORMAT, DEFINITION_VERSION
+from hvbackup.host.model import DiskAttachment, VmConfig, VmState, new_id
+from hvbackup.host.vm import DISK_DIRECTORY, INVALID_PARAMETER, Vm
+
+if TYPE_CHECKING:
+    from hvbackup.host.host import Host
+
+MAX_DEFINITION = 1 << 24
+
+
+@dataclass
+class PlannedSystem:
+    """Msvm_PlannedComputerSystem: an imported definition, checked, not yet a VM of the host."""
+
+    host: Host
+    definition_file: str
+    vm_id: str
+    config: VmConfig       # as exported: disk chains name the exported files
+    disk_paths: list[str]  # per disk, the exported file on top of its chain
+    new_identifier: bool
+
+
+def import_system_definition(host: Host, definition_file: str, snapshot_folder: str | None = None,
+                             generate_new_identifier: bool = False) -> PlannedSystem:
+    """Read and check an exported .vmcx. Exports made here hold no checkpoints of their own (the
+    exported checkpoint is the VM), so ``snapshot_folder``, if given, must only be a directory."""
+    if snapshot_folder is not None and not os.path.isdir(snapshot_folder):
+        raise HostError(f"SnapshotFolder {snapshot_folder} is not a directory", INVALID_PARAMETER)
+    definition = _read_definition(definition_file)
+    try:
+        config = VmConfig.from_dict(definition["configuration"])
+        vm_id = str(definition["virtual_system_identifier"])
+        names = [attachment.active for attachment in config.disks]
+    except (KeyError, TypeError, IndexError) as exc:
+        raise HostError(f"{definition_file}: not an exported VM definition ({exc!r} is wrong)",
+                        INVALID_PARAMETER) from None
+    export_root = os.path.dirname(os.path.dirname(os.path.abspath(definition_file)))
+    disk_paths = [_exported_disk(export_root, name) for name in names]
+    planned = PlannedSystem(host, os.path.abspath(definition_file), new_id() if generate_new_identifier else vm_id,
+                            config, disk_paths, generate_new_identifier)
+    _check_free(planned)
+    return planned
+
+
+def _read_definition(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            definition = json.loads(f.read(MAX_DEFINITION))
+    except FileNotFoundError:
+        raise HostError(f"{path}: no such definition file", INVALID_PARAMETER) from None
+    except (OSError, ValueError) as exc:
+        raise HostError(f"{path}: unreadable definition file: {exc}", INVALID_PARAMETER) from None
+    if (not isinstance(definition, dict) or definition.get("format") != DEFINITION_FORMAT
+            or definition.get("version") != DEFINITION_VERSION):
+        raise HostError(f"{path}: not a version {DEFINITION_VERSION} hvbackup VM definition", INVALID_PARAMETER)
+    if os.path.basename(os.path.dirname(os.path.abspath(path))) != CONFIG_DIRECTORY:
+        raise HostError(f"{path}: a definition file lies in the export's {CONFIG_DIRECTORY!r} directory",
+                        INVALID_PARAMETER)
+    return definition
+
+
+def _exported_disk(export_root: str, name: str) -> str:
+    """The disk ``name`` of the export, opened once with its parents to prove the chain is whole."""
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise HostError(f"the definition names a disk file {name!r} outside {DISK_DIRECTORY!r}", INVALID_PARAMETER)
+    path = os.path.join(export_root, DISK_DIRECTORY, name)
+    if not os.path.isfile(path):
+        raise HostError(f"{path}: the exported disk is missing", INVALID_PARAMETER)
+    try:
+        disks.open(path, read_only=True).close()
+    except DiskError as exc:
+        raise HostError(f"{path}: the exported disk cannot be used: {exc} (a differential needs the "
+                        "export it was taken against)", INVALID_PARAMETER) from None
+    return path
+
+
+def _check_free(planned: PlannedSystem) -> None:
+    host = planned.host
+    for vm in host.vms():
+        if vm.vm_id.lower() == planned.vm_id.lower():
+            raise HostError(f"the host already has a VM with ID {planned.vm_id} ({vm.name}); import with a new "
+                            "identifier", INVALID_PARAMETER)
+        if vm.name == planned.config.name:
+            raise HostError(f"the host already has a VM named {vm.name!r}; rename or remove it before importing",
+                            INVALID_PARAMETER)
+
+
+def realize_planned_system(planned: PlannedSystem) -> Vm:
+    """RealizePlannedSystem: copy the disks (chains flattened) into a new VM directory as tracked
+    VHDX files and register the VM, Off."""
+    host = planned.host
+    with host.lock.held():
+        _check_free(planned)
+        root = os.path.join(host.directory, "vms")
+        directory = os.path.join(root, planned.vm_id)
+        staging = directory + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(os.path.join(staging, DISK_DIRECTORY))
+        try:
+            document = _build(planned, staging)
+            store.write_document(os.path.join(staging, "vm.json"), document)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.rename(staging, directory)
+        sync_directory(root)
+        return host.vm(planned.vm_id)
+
+
+def _build(planned: PlannedSystem, staging: str) -> dict:
+    """Copy the disks into ``staging`` and return the VM document, made as ``Host.create_vm`` makes one."""
+    config = planned.config
+    attachments, files = [], {}
+    for index, (attachment, source) in enumerate(zip(config.disks, planned.disk_paths)):
+        relative = os.path.join(DISK_DIRECTORY, f"{config.name}_disk{index}.vhdx")
+        try:
+            disks.convert(source, os.path.join(staging, relative))
+        except DiskError as exc:
+            raise HostError(f"importing {source}: {exc}") from None
+        tracking.enable(os.path.join(staging, relative))
+        # A disk's instance ID embeds the VM's ID; a new VM gets new ones.
+        instance_id = (f"Microsoft:{planned.vm_id}\\{new_id()}\\0\\{index}\\D" if planned.new_identifier
+                       else attachment.instance_id)
+        attachments.append(DiskAttachment(instance_id, [relative], attachment.controller, attachment.location))
+        files[instance_id] = {relative: None}
+    realized = VmConfig(planned.vm_id, config.name, config.processors, config.memory_mb, config.notes, attachments)
+    return {"config": realized.to_dict(), "state": int(VmState.OFF), "checkpoints": [], "reference_points": [],
+            "files": files, "intent": None}
