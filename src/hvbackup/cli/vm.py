@@ -134,7 +134,7 @@ def import_(
     planned = finish(service.import_system_definition(os.path.abspath(definition), None, new_id),
                      "importing", show_progress=not json)
     if name:
-        planned.name = name
+        planned.config.name = name
     vm: Vm = finish(service.realize_planned_system(planned), "realizing", show_progress=not json)
     summary = vm.summary()
     if json:
