@@ -3,7 +3,7 @@
 
 A service method answers like WMI (``hvbackup.host.services``): 0 and a result, 4096 and a job, or a
 failure value. ``finish`` turns that into the result or an exception, and polls a job as WMI clients
-do, drawing its ``percent_complete`` on a progress bar.
+do, drawing its ``percent_complete`` on a progress bar; Ctrl-C asks a cancellable job to terminate.
 """
 
 from __future__ import annotations
@@ -54,10 +54,15 @@ def finish(answer: tuple[int, Any], description: str, *, show_progress: bool = T
     if not isinstance(value, ConcreteJob):
         raise value.exception
     job = value
-    with job_progress(description, enabled=show_progress) as update:
-        while not job.wait(0.1):
-            if update:
-                update(job.percent_complete)
+    try:
+        with job_progress(description, enabled=show_progress) as update:
+            while not job.wait(0.1):
+                if update:
+                    update(job.percent_complete)
+    except KeyboardInterrupt:  # Ctrl-C: ask a cancellable job to stop cleanly before leaving
+        if job.cancel() == 4096:
+            job.wait()
+        raise
     if job.succeeded:
         return job.result
     if isinstance(job.exception, HvBackupError):
