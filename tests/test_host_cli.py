@@ -11,11 +11,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from hvbackup.cli import main
+from hvbackup.cli.host import finish
+from hvbackup.errors import HostError
 from hvbackup.host import Host
+from hvbackup.host.jobs import ConcreteJob, JobState
 
 MiB = 1 << 20
 
@@ -209,3 +213,22 @@ def test_a_real_process_with_human_output(tmp_path):
     result = run("checkpoint", "apply", "nope")
     assert result.returncode == 2 and result.stderr.startswith("hvbackup: error: ") and "Traceback" not in result.stderr
     assert "web" in run("vm", "list").stdout
+
+
+def test_ctrl_c_asks_an_export_job_to_stop(monkeypatch):
+    def until_cancelled(progress, cancelled):
+        while not cancelled():
+            threading.Event().wait(0.001)
+        raise HostError("the export was cancelled")
+
+    job = ConcreteJob(62, cancellable=True).run(until_cancelled)
+    real_wait = job.wait
+    def interrupted_wait(timeout=None):
+        if timeout == 0.1:  # the polling loop's wait: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return real_wait(timeout)
+
+    monkeypatch.setattr(job, "wait", interrupted_wait)
+    with pytest.raises(KeyboardInterrupt):
+        finish((4096, job), "exporting", show_progress=False)
+    assert job.job_state == JobState.TERMINATED

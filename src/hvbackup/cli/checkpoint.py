@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from hvbackup.cli.host import HOST, JSON, find_checkpoint, finish, open_host
 from hvbackup.cli.output import emit_json, show_help_without_command, stdout
@@ -99,7 +99,8 @@ def list_(
     if json:
         emit_json(rows)
         return
-    table = Table("vm", "name", "id", "type", "created", "parent", box=None)
+    table = Table("vm", "name", Column("id", overflow="fold"), "type", "created", Column("parent", overflow="fold"),
+                  box=None)
     for row in rows:
         table.add_row(row["vm"], row["name"], row["id"], row["type"], row["created"], row["parent"] or "-")
     stdout.print(table)

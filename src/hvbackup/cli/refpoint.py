@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from hvbackup.cli.host import HOST, JSON, find_checkpoint, finish, open_host
 from hvbackup.cli.output import emit_json, show_help_without_command, stdout
@@ -46,7 +46,7 @@ def list_(vm: Optional[str] = typer.Argument(None, help="Only this VM's referenc
     if json:
         emit_json(rows)
         return
-    table = Table("vm", "id", "created", "rct ids", box=None)
+    table = Table("vm", Column("id", overflow="fold"), "created", Column("rct ids", overflow="fold"), box=None)
     for row in rows:
         table.add_row(row["vm"], row["instance_id"], row["created"],
                       "\n".join(row["resilient_change_tracking_identifiers"]))

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from hvbackup.cli import vm_io
 from hvbackup.cli.host import HOST, JSON, finish, open_host
@@ -51,7 +51,7 @@ def list_(host_dir: Optional[str] = HOST, json: bool = JSON) -> None:
     if json:
         emit_json(summaries)
         return
-    table = Table("name", "id", "state", "disks", "checkpoints", "reference points", box=None)
+    table = Table("name", Column("id", overflow="fold"), "state", "disks", "checkpoints", "reference points", box=None)
     for s in summaries:
         table.add_row(s["name"], s["id"], s["state"], str(len(s["disks"])), str(s["checkpoints"]),
                       str(s["reference_points"]))
