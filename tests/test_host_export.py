@@ -348,7 +348,7 @@ def test_import_checks_chains_identifiers_and_names(host, tmp_path):
         import_system_definition(other, str(tmp_path / "missing.vmcx"))
 
 
-def test_get_virtual_disk_changes(host):
+def test_get_virtual_disk_changes(host, tmp_path):
     guest = Guest(host, [16 * MiB])
     vm = guest.vm
     checkpoint = recovery_checkpoint(vm)
@@ -357,10 +357,13 @@ def test_get_virtual_disk_changes(host):
     vm.close_disks()
     active = vm.path_of(vm.config.disks[0].active)
     rct = checkpoint.disks[0].rct_id
+    vhd = str(tmp_path / "legacy.vhd")
+    disks.create(vhd, MiB, format="vhd").close()
     assert get_virtual_disk_changes(active, rct, 0, 16 * MiB) == (16 * MiB, [3 * K64, 10 * MiB], [K64, 2 * K64])
     assert get_virtual_disk_changes(active, rct, 8 * MiB, 8 * MiB) == (8 * MiB, [10 * MiB], [2 * K64])
     for args, value in [((active, rct, 0, 16 * MiB + 512), 32773), ((active, rct, 8 * MiB, 9 * MiB), 32773),
-                        ((active, "rctX:no-such-id:1", 0, MiB), 32773), ((active + ".gone", rct, 0, MiB), 32779)]:
+                        ((active, "rctX:no-such-id:1", 0, MiB), 32773), ((active + ".gone", rct, 0, MiB), 32779),
+                        ((vhd, rct, 0, MiB), 32770)]:
         with pytest.raises(HostError) as info:
             get_virtual_disk_changes(*args)
         assert info.value.return_value == value, args
