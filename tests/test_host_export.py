@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -367,3 +370,62 @@ def test_get_virtual_disk_changes(host, tmp_path):
         with pytest.raises(HostError) as info:
             get_virtual_disk_changes(*args)
         assert info.value.return_value == value, args
+
+
+EXPORT_CHILD = """
+import json, sys
+from hvbackup.host import Host
+from hvbackup.host.export import export_system_definition
+from hvbackup.host.model import ExportSettings
+vm = Host.open(sys.argv[1]).vm("web")
+settings = ExportSettings(**json.loads(sys.argv[3]))
+print("ready", flush=True)
+export_system_definition(vm, sys.argv[2], settings)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "differential", "merge"])
+def test_export_killed_at_random_moments(host, tmp_path, mode, sample):
+    """SIGKILL an exporting process at random moments: whatever sits under a final name is whole, a
+    .vmcx means the export is complete and recorded, and running the export again finishes it."""
+    guest = Guest(host, [16 * MiB, 8 * MiB])
+    rng = random.Random(mode)
+    guest.write(0, 0, rng.randbytes(12 * MiB))
+    guest.write(1, 0, rng.randbytes(6 * MiB))
+    base = recovery_checkpoint(guest.vm)  # stays a checkpoint: it can be exported again for every Merge
+    export(guest.vm, tmp_path / "base", base)
+    for offset in range(0, 16 * MiB, MiB):
+        guest.write(0, offset + K64, rng.randbytes(3 * K64))
+    guest.write(1, 0, bytes(K64))
+    checkpoint = recovery_checkpoint(guest.vm)
+    want = guest.snapshot()
+    guest.vm.close_disks()
+    fields = {"snapshot_virtual_system": checkpoint.instance_id, "create_vm_export_subdirectory": False,
+              "differential_backup_base": None if mode == "full" else base.instance_id,
+              "backup_intent": BACKUP_INTENT_MERGE if mode == "merge" else BACKUP_INTENT_PRESERVE_CHAIN}
+    for case in range(sample(6, 30)):
+        if mode == "merge":
+            export(guest.vm, tmp_path / f"base{case}", base)  # a fresh full set for the Merge to consume
+        dest = tmp_path / f"export{case}"
+        child = subprocess.Popen([sys.executable, "-c", EXPORT_CHILD, host.directory, str(dest), json.dumps(fields)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0, 0.06))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+        reopened = Host.open(host.directory).vm("web")
+        definition = dest / "Virtual Machines" / f"{reopened.vm_id}.vmcx"
+        disk_dir = dest / "Virtual Hard Disks"
+        names = sorted(n for n in os.listdir(disk_dir) if not n.startswith(".")) if disk_dir.exists() else []
+        for name in names:  # nothing under a final name is partial
+            assert read_all(str(disk_dir / name)) == want[0 if "disk0" in name else 1], (case, name)
+        if definition.exists():
+            result = reopened.checkpoint(checkpoint.instance_id).exported
+            assert sorted(os.path.basename(p) for p in result) == names
+        else:
+            result = export_system_definition(reopened, str(dest), ExportSettings(**fields))["virtual_hard_disks"]
+            assert reopened.checkpoint(checkpoint.instance_id).exported == result
+            assert sorted(os.listdir(disk_dir)) == sorted(os.path.basename(p) for p in result)  # no leftovers
+        assert [read_all(p) for p in result] == want, case

@@ -16,9 +16,10 @@ base's export is consumed. The exported disks are recorded in the checkpoint (``
 reference point it becomes knows the parents of the next differential.
 
 Crash safety: each disk is built under a hidden name and renamed into place once flushed; the .vmcx
-comes last, so an export whose .vmcx exists is complete. An interrupted Merge leaves
-``.<disk>.vhdx.merging`` in the destination; running the same export again resumes it (it writes the
-same ranges again). The host lock is held throughout, so the checkpoint's files cannot be merged away
+comes last, after the checkpoint records the export, so an export whose .vmcx exists is complete and
+recorded. Running an interrupted export again replaces what it left; an interrupted Merge, which
+leaves ``.<disk>.vhdx.merging`` (or the renamed disk) in the destination, is resumed: it writes the
+same ranges again. The host lock is held throughout, so the checkpoint's files cannot be merged away
 while they are read.
 """
 
@@ -55,7 +56,6 @@ DEFINITION_VERSION = 1
 class Base:
     """The DifferentialBackupBase: per virtual disk identifier, its RCT ID and its exported file."""
 
-    kind: str                  # the VM document list it is in: "reference_points" or "checkpoints"
     instance_id: str
     rct_ids: dict[str, str]
     exported: dict[str, str]
@@ -76,18 +76,27 @@ def export_system_definition(vm: Vm, directory: str, settings: ExportSettings, *
         names = [_disk_name(checkpoint, i, differential=base is not None and not merge)
                  for i in range(len(checkpoint.disks))]
         targets = [os.path.join(root, DISK_DIRECTORY, name) for name in names]
-        for path in [definition, *(targets if settings.copy_vm_storage else [])]:
-            if os.path.lexists(path):
-                raise HostError(f"{path} already exists: export into an empty directory", INVALID_PARAMETER)
+        _check_destination(definition, targets if settings.copy_vm_storage else [])
         os.makedirs(os.path.dirname(definition), exist_ok=True)
         exported = []
         if settings.copy_vm_storage:
             os.makedirs(os.path.join(root, DISK_DIRECTORY), exist_ok=True)
             exported = _export_disks(vm, checkpoint, base, merge, targets, _Meter(progress, cancelled))
+            _record(vm, checkpoint, exported)
         _write_definition(definition, vm, checkpoint, settings, names)
-        if settings.copy_vm_storage:
-            _record(vm, checkpoint, base if merge else None, exported)
         return {"directory": root, "definition_file": definition, "virtual_hard_disks": exported}
+
+
+def _check_destination(definition: str, targets: list[str]) -> None:
+    """Never write over a complete export. Disk files in a directory with no .vmcx at all are what an
+    interrupted export left: they are replaced (or, for a Merge, finished)."""
+    if os.path.lexists(definition):
+        raise HostError(f"{definition} already exists: export into another directory", INVALID_PARAMETER)
+    config_directory = os.path.dirname(definition)
+    complete = os.path.isdir(config_directory) and any(n.endswith(".vmcx") for n in os.listdir(config_directory))
+    for target in targets:
+        if complete and os.path.lexists(target):
+            raise HostError(f"{target} belongs to another export in this directory", INVALID_PARAMETER)
 
 
 def _check_settings(settings: ExportSettings) -> None:
@@ -111,13 +120,13 @@ def _base(vm: Vm, base_id: str, checkpoint: Checkpoint) -> Base:
     for point in vm.reference_points():
         if point.instance_id.lower() == base_id.lower():
             exported = dict(zip(point.virtual_disk_identifiers, point.exported))
-            return Base("reference_points", point.instance_id,
+            return Base(point.instance_id,
                         dict(zip(point.virtual_disk_identifiers, point.resilient_change_tracking_identifiers)),
                         exported)
     for other in vm.checkpoints():
         if other.instance_id.lower() == base_id.lower() and other.instance_id != checkpoint.instance_id:
             ids = [d.instance_id for d in other.disks]
-            return Base("checkpoints", other.instance_id, {d.instance_id: d.rct_id for d in other.disks},
+            return Base(other.instance_id, {d.instance_id: d.rct_id for d in other.disks},
                         dict(zip(ids, other.exported)))
     raise HostError(f"VM {vm.name} has no reference point or other checkpoint {base_id} to be the "
                     "DifferentialBackupBase", INVALID_PARAMETER)
@@ -170,8 +179,11 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
     exported = []
     for (source, parent, ranges, count), target in zip(plans, targets):
         meter.check()
+        _remove_leftovers(target)
         try:
             if ranges is None:
+                if os.path.lexists(target):
+                    os.unlink(target)  # an interrupted export's
                 disks.convert(source, target, progress=meter.piece)
             elif merge:
                 _merge_into(source, ranges, parent, target, meter)
@@ -182,6 +194,15 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
         meter.done += count
         exported.append(os.path.abspath(target))
     return exported
+
+
+def _remove_leftovers(target: str) -> None:
+    """Temporary files an interrupted export of ``target`` left (this module's and the disk layer's,
+    all hidden names starting with the target's); a Merge's working file is kept to be resumed."""
+    directory, name = os.path.split(target)
+    for entry in os.listdir(directory):
+        if entry.startswith(".") and entry.lstrip(".").startswith(f"{name}.") and not entry.endswith(".merging"):
+            os.unlink(os.path.join(directory, entry))
 
 
 def _hidden(target: str, suffix: str) -> str:
@@ -195,8 +216,6 @@ def _differential(source: str, ranges: list[Extent], parent: str, target: str, m
         raise HostError(f"the base's exported disk {parent} is missing; a differential needs it as its parent",
                         INVALID_PARAMETER)
     temp = _hidden(target, "exporting")
-    if os.path.lexists(temp):
-        os.unlink(temp)  # left by an interrupted export
     try:
         with disks.open(source, read_only=True) as src, \
                 disks.create(temp, type="differencing", parent=parent) as dst:
@@ -228,6 +247,8 @@ def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, 
                             "destination on the base export's file system)", code) from None
         sync_directory(os.path.dirname(base_disk))
         sync_directory(os.path.dirname(working))
+    elif os.path.isfile(target) and not os.path.isfile(working):
+        os.rename(target, working)  # finished, but the export was interrupted before its .vmcx
     elif not os.path.isfile(working):
         raise HostError(f"the base's exported disk {base_disk} is missing; Merge writes into it", INVALID_PARAMETER)
     with disks.open(source, read_only=True) as src, disks.open(working, tracked=False) as dst:
@@ -262,15 +283,12 @@ def _write_definition(path: str, vm: Vm, checkpoint: Checkpoint, settings: Expor
     replace_file(path, (json.dumps(definition, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _record(vm: Vm, checkpoint: Checkpoint, consumed: Base | None, exported: list[str]) -> None:
-    """The checkpoint now has an export; a base a Merge wrote into has none any more."""
+def _record(vm: Vm, checkpoint: Checkpoint, exported: list[str]) -> None:
+    """The checkpoint now has an export. (After a Merge the base's list names files that moved away:
+    a later differential against that base fails with 32773, as it must.)"""
     with vm.host.lock.held():
         document = vm.load()
         for entry in document["checkpoints"]:
             if entry["instance_id"] == checkpoint.instance_id:
                 entry["exported"] = exported
-        if consumed is not None:
-            for entry in document[consumed.kind]:
-                if entry["instance_id"] == consumed.instance_id:
-                    entry["exported"] = []
         vm.save(document)
