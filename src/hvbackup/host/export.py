@@ -162,9 +162,9 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
     for disk in checkpoint.disks:
         source = vm.path_of(disk.frozen)
         with disks.open(source, read_only=True) as src:
-            size, extents = src.size, list(src.extents())
+            size, held = src.size, data_bytes(src.extents())
         if base is None:
-            plans.append((source, None, None, data_bytes(extents)))
+            plans.append((source, None, None, held))
             continue
         rct_id, parent = base.rct_ids.get(disk.instance_id), base.exported.get(disk.instance_id)
         if rct_id is None:
