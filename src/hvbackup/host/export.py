@@ -33,7 +33,7 @@ from typing import Callable
 
 from hvbackup import disks
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
-from hvbackup.disks.device import Extent, ExtentState
+from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import replace_file, sync_directory
 from hvbackup.errors import DiskError, HostError
 from hvbackup.host.changes import FAILED, INVALID_PARAMETER, NOT_SUPPORTED, changed_ranges
@@ -50,6 +50,7 @@ from hvbackup.host.vm import DISK_DIRECTORY, Vm
 CONFIG_DIRECTORY = "Virtual Machines"
 DEFINITION_FORMAT = "hvbackup-vmcx"
 DEFINITION_VERSION = 1
+PIPELINE_PIECE = 1 << 20  # changed ranges this large on average are copied with read-ahead threads
 
 
 @dataclass
@@ -219,9 +220,7 @@ def _differential(source: str, ranges: list[Extent], parent: str, target: str, m
     try:
         with disks.open(source, read_only=True) as src, \
                 disks.create(temp, type="differencing", parent=parent) as dst:
-            # Zeros are written too: the parent may hold data where the disk now reads zeros.
-            copy_data(src, dst, data_pieces(ranges), skip_zeros=False, total=data_bytes(ranges),
-                      progress=meter.piece)
+            _copy_ranges(src, dst, ranges, meter)
         os.rename(temp, target)
         sync_directory(os.path.dirname(target))
     except BaseException:
@@ -252,9 +251,28 @@ def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, 
     elif not os.path.isfile(working):
         raise HostError(f"the base's exported disk {base_disk} is missing; Merge writes into it", INVALID_PARAMETER)
     with disks.open(source, read_only=True) as src, disks.open(working, tracked=False) as dst:
-        copy_data(src, dst, data_pieces(ranges), skip_zeros=False, total=data_bytes(ranges), progress=meter.piece)
+        _copy_ranges(src, dst, ranges, meter)
     os.rename(working, target)
     sync_directory(os.path.dirname(target))
+
+
+def _copy_ranges(src: BlockDevice, dst: BlockDevice, ranges: list[Extent], meter: _Meter) -> None:
+    """Copy the changed ranges, zeros included (the base may hold data where the disk now reads
+    zeros). Large ranges go through the pipelined copy; scattered small ones, the usual differential,
+    one after the other in this thread: handing 64 KiB pieces to reader threads costs more than the
+    overlap gains (about a third of a 1 %-changed 4 GiB differential in bench_export.py)."""
+    pieces, total = list(data_pieces(ranges)), data_bytes(ranges)
+    if pieces and total // len(pieces) >= PIPELINE_PIECE:
+        copy_data(src, dst, pieces, skip_zeros=False, total=total, progress=meter.piece)
+        return
+    buffer = memoryview(bytearray(max((length for _, length in pieces), default=0)))
+    done = 0
+    for offset, length in pieces:
+        view = buffer[:length]
+        src.readinto(offset, view)
+        dst.write(offset, view)
+        done += length
+        meter.piece(done, total)
 
 
 def _write_definition(path: str, vm: Vm, checkpoint: Checkpoint, settings: ExportSettings,
