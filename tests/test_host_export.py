@@ -324,9 +324,12 @@ def test_import_checks_chains_identifiers_and_names(host, tmp_path):
     diff = export(vm, tmp_path / "incremental", second, point.instance_id)
     vm.close_disks()
 
+    planned = import_system_definition(host, diff["definition_file"], generate_new_identifier=True)
     with pytest.raises(HostError, match="named 'web'") as info:  # the same host: the name is taken
-        import_system_definition(host, diff["definition_file"], generate_new_identifier=True)
+        realize_planned_system(planned)
     assert info.value.return_value == 32773
+    planned.config.name = "web-restored"  # what vm import --name does
+    assert realize_planned_system(planned).name == "web-restored"
 
     other = Host.init(str(tmp_path / "other"))
     other.create_vm("not-web", [MiB], vm_id=vm.vm_id)

@@ -46,7 +46,9 @@ class Host:
 
     def vm_ids(self) -> list[str]:
         root = os.path.join(self.directory, "vms")
-        return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "vm.json")))
+        # A ".partial" directory is a VM still being built (or one a crash interrupted).
+        return sorted(d for d in os.listdir(root)
+                      if not d.endswith(".partial") and os.path.exists(os.path.join(root, d, "vm.json")))
 
     def vms(self) -> list[Vm]:
         return [self._vm(vm_id) for vm_id in self.vm_ids()]

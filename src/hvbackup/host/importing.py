@@ -61,7 +61,7 @@ def import_system_definition(host: Host, definition_file: str, snapshot_folder: 
     disk_paths = [_exported_disk(export_root, name) for name in names]
     planned = PlannedSystem(host, os.path.abspath(definition_file), new_id() if generate_new_identifier else vm_id,
                             config, disk_paths, generate_new_identifier)
-    _check_free(planned)
+    _check_free(planned, names=False)  # the name may still change before the VM is realized
     return planned
 
 
@@ -97,13 +97,13 @@ def _exported_disk(export_root: str, name: str) -> str:
     return path
 
 
-def _check_free(planned: PlannedSystem) -> None:
+def _check_free(planned: PlannedSystem, *, names: bool = True) -> None:
     host = planned.host
     for vm in host.vms():
         if vm.vm_id.lower() == planned.vm_id.lower():
             raise HostError(f"the host already has a VM with ID {planned.vm_id} ({vm.name}); import with a new "
                             "identifier", INVALID_PARAMETER)
-        if vm.name == planned.config.name:
+        if names and vm.name == planned.config.name:
             raise HostError(f"the host already has a VM named {vm.name!r}; rename or remove it before importing",
                             INVALID_PARAMETER)
 
