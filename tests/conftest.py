@@ -7,6 +7,10 @@ libvhdi-python, which ``.ci/run`` installs: a missing tool is a failure, not a s
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -37,3 +41,28 @@ def sample(full: bool):
     """``sample(bounded, complete)``: how many cases a slow test runs."""
     return lambda bounded, complete: complete if full else bounded
 
+
+
+@pytest.fixture
+def hv(monkeypatch, capsys):
+    """``hv(ARGS)`` runs ``hvbackup ARGS`` through its entry point in this process and returns what
+    a process would give back (exit code, stdout, stderr)."""
+    from hvbackup.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["hvbackup", *map(str, args)])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, exited.value.code, out, err)
+    return run
+
+
+@pytest.fixture
+def hv_json(hv):
+    """``hv_json(ARGS)`` runs ``hvbackup ARGS --json``, expects success, and returns the parsed output."""
+    def run(*args):
+        result = hv(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    return run

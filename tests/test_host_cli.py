@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import threading
 
 import pytest
 
-from hvbackup.cli import main
 from hvbackup.cli.host import finish
 from hvbackup.errors import HostError
 from hvbackup.host import Host
@@ -24,27 +22,10 @@ from hvbackup.host.jobs import ConcreteJob, JobState
 MiB = 1 << 20
 
 
-@pytest.fixture
-def hv(monkeypatch, capsys, tmp_path):
-    """``hv(ARGS)`` runs ``hvbackup ARGS`` with HVBACKUP_HOST set to a fresh host path."""
+@pytest.fixture(autouse=True)
+def host_dir(monkeypatch, tmp_path):
+    """Every command here works on a fresh host path through HVBACKUP_HOST."""
     monkeypatch.setenv("HVBACKUP_HOST", str(tmp_path / "host"))
-
-    def run(*args) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["hvbackup", *map(str, args)])
-        with pytest.raises(SystemExit) as exited:
-            main()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, exited.value.code, out, err)
-    return run
-
-
-@pytest.fixture
-def hv_json(hv):
-    def run(*args):
-        result = hv(*args, "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-    return run
 
 
 def error(result: subprocess.CompletedProcess, *words: str) -> str:

@@ -13,31 +13,9 @@ import sys
 import pytest
 
 from hvbackup import disks, tracking
-from hvbackup.cli import main
 from hvbackup.disks.vhdx.disk import VhdxDisk
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def hv(monkeypatch, capsys):
-    """Run ``hvbackup ARGS`` through its entry point; returns what a process would give back."""
-    def run(*args) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["hvbackup", *map(str, args)])
-        with pytest.raises(SystemExit) as exited:
-            main()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, exited.value.code, out, err)
-    return run
-
-
-@pytest.fixture
-def hv_json(hv):
-    def run(*args):
-        result = hv(*args, "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-    return run
 
 
 def one_line_error(result: subprocess.CompletedProcess, name: str) -> str:
