@@ -30,6 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.load_profile("full" if config.getoption("--full") else "bounded")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every case of a slow test can take far longer than CI's per-test bound; give them an hour each.
+    if config.getoption("--full"):
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(pytest.mark.timeout(3600))
+
+
 @pytest.fixture
 def full(request: pytest.FixtureRequest) -> bool:
     """True when the whole slow suite was asked for."""
