@@ -152,6 +152,7 @@ class SequencedWriter(threading.Thread):
             seq += 1
             self.issued = seq
             disk.write((seq % self.SLOTS) * self.SPACING, struct.pack("<Q", seq) * (self.BLOCK // 8))
+            disk.flush()  # acknowledged, and visible to any reader of the file (an export of the wrong one)
             self.acked = seq
 
     def wait_for(self, writes: int) -> None:
@@ -183,12 +184,14 @@ def test_checkpoints_taken_under_guest_writes_export_exactly_what_preceded_them(
         acked_before = writer.acked
         first = recovery_checkpoint(vm)
         issued_after = writer.issued
-        full = export(vm, tmp_path / "full", first)  # the guest keeps writing meanwhile
+        writer.wait_for(50)  # newer writes exist before the export reads (and while it does)
+        full = export(vm, tmp_path / "full", first)
         point = refpoints.convert_to_reference_point(vm, first.instance_id)
         writer.wait_for(300)
         acked_before2 = writer.acked
         second = recovery_checkpoint(vm)
         issued_after2 = writer.issued
+        writer.wait_for(50)
         diff = export(vm, tmp_path / "incremental", second, point.instance_id)
         writer.wait_for(100)
     finally:
