@@ -54,3 +54,15 @@ class TrackingError(CodedError):
 
 class VirtDiskError(CodedError):
     """A ``hvbackup.virtdisk`` call failed; ``code`` is the Windows error the VirtDisk call returns."""
+
+
+class RepositoryError(HvBackupError):
+    """A backup repository cannot do what was asked: not a repository, wrong passphrase, bad arguments."""
+
+
+class RepositoryCorruptError(RepositoryError):
+    """A repository file failed its checks (magic, version, bounds, checksum, AEAD tag or content hash)."""
+
+
+class RepositoryLockedError(RepositoryError):
+    """Another process holds the repository's writer lock."""

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from hvbackup.cli import checkpoint, disk, host, quickstart, refpoint, vm
+from hvbackup.cli import checkpoint, disk, host, quickstart, refpoint, repo, vm
 from hvbackup.cli.output import EXIT_FAILED, error_line, show_help_without_command, stderr
 from hvbackup.errors import HvBackupError
 
@@ -22,6 +22,7 @@ app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.add_typer(checkpoint.app, name="checkpoint")
 app.add_typer(refpoint.app, name="refpoint")
+app.add_typer(repo.app, name="repo")
 app.command("quickstart")(quickstart.quickstart)
 
 

@@ -1,0 +1,100 @@
+"""Manifests (restore points): ``points/<point ID>``, a framed, zstd-compressed (and optionally
+encrypted) JSON document that lists every disk's chunks in order. Each one is a full backup by
+reference: reading a point never needs another point."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import zstandard
+
+from hvbackup.backup import envelope
+from hvbackup.backup.chunks import NAME, decompress
+from hvbackup.backup.crypto import OVERHEAD, Keys
+from hvbackup.errors import RepositoryCorruptError, RepositoryError
+
+MAGIC = b"HVBKMANI"
+MAX_STORED = 256 << 20
+MAX_JSON = 1 << 30  # about 60 TiB of disk per point at 4 MiB chunks
+POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")  # UTC time to the microsecond, random
+# What the caller describes; the writer adds point_id, repository_id, chunk_size, disks and sizes.
+CALLER_FIELDS = {
+    "vm_name": None, "vm_id": None, "vm_config": {}, "reference_point": None, "rct_ids": [],
+    "consistency": None, "method": None, "started": None, "ended": None,
+}
+GEOMETRY = ("virtual_size", "block_size", "logical_sector_size", "physical_sector_size")
+
+
+def chunk_count(virtual_size: int, chunk_size: int) -> int:
+    return -(-virtual_size // chunk_size)
+
+
+def encode(manifest: dict, keys: Keys | None) -> bytes:
+    payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(manifest, separators=(",", ":")).encode())
+    flags = envelope.FLAG_COMPRESSED
+    if keys:
+        flags |= envelope.FLAG_ENCRYPTED
+        aad = envelope.header_of(MAGIC, flags, len(payload) + OVERHEAD) + manifest["point_id"].encode()
+        payload = keys.seal(payload, aad)
+    return envelope.frame(MAGIC, flags, payload)
+
+
+def decode(stored: bytes, point_id: str, keys: Keys | None, repository_id: str, chunk_size: int) -> dict:
+    what = f"point {point_id}"
+    flags, header, payload = envelope.unframe(stored, MAGIC, MAX_STORED, what)
+    if bool(flags & envelope.FLAG_ENCRYPTED) != bool(keys) or not flags & envelope.FLAG_COMPRESSED:
+        raise RepositoryCorruptError(f"{what}: flags {flags:#x} do not match the repository")
+    if keys:
+        payload = keys.open(payload, header + point_id.encode(), what)
+    try:
+        manifest = json.loads(decompress(payload, MAX_JSON, what))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RepositoryCorruptError(f"{what}: not valid JSON ({exc})") from None
+    validate(manifest, what, point_id, repository_id, chunk_size)
+    return manifest
+
+
+def validate(m, what: str, point_id: str, repository_id: str, chunk_size: int) -> None:
+    """The structure readers rely on; any deviation is corruption, not something to guess around."""
+    def require(condition, message):
+        if not condition:
+            raise RepositoryCorruptError(f"{what}: {message}")
+    require(isinstance(m, dict), "not a JSON object")
+    require(m.get("point_id") == point_id, "its point ID does not match its file name")
+    require(m.get("repository_id") == repository_id, "belongs to another repository")
+    require(m.get("chunk_size") == chunk_size, "chunk size does not match the repository")
+    disks = m.get("disks")
+    require(isinstance(disks, list), "no disk list")
+    for i, disk in enumerate(disks):
+        require(isinstance(disk, dict) and disk.get("index") == i, f"disk {i} is malformed")
+        geometry = disk.get("geometry")
+        require(isinstance(geometry, dict) and all(isinstance(geometry.get(k), int) for k in GEOMETRY),
+                f"disk {i} has a malformed geometry")
+        size = geometry["virtual_size"]
+        require(size >= 0, f"disk {i} has a negative size")
+        chunks = disk.get("chunks")
+        require(isinstance(chunks, list) and len(chunks) == chunk_count(size, chunk_size),
+                f"disk {i}'s chunk list does not cover its size")
+        require(all(c is None or (isinstance(c, str) and NAME.match(c)) for c in chunks),
+                f"disk {i} lists a malformed chunk name")
+
+
+def caller_fields(fields: dict) -> dict:
+    unknown = set(fields) - set(CALLER_FIELDS)
+    if unknown:
+        raise RepositoryError(f"unknown manifest fields: {', '.join(sorted(unknown))}")
+    merged = {**CALLER_FIELDS, **fields}
+    try:
+        json.dumps(merged)
+    except (TypeError, ValueError) as exc:
+        raise RepositoryError(f"manifest fields are not JSON: {exc}") from None
+    return merged
+
+
+def check_geometry(index: int, geometry: dict) -> dict:
+    if not isinstance(geometry, dict) or not all(isinstance(geometry.get(k), int) for k in GEOMETRY):
+        raise RepositoryError(f"disk {index}: geometry needs integer {', '.join(GEOMETRY)}")
+    if geometry["virtual_size"] < 0:
+        raise RepositoryError(f"disk {index}: negative virtual size")
+    return dict(geometry)

@@ -1,0 +1,418 @@
+"""The backup repository (hvbackup.backup.repository): round trips, dedup, zero chunks and tails,
+encryption, a stateful model of puts/commits/forgets/prunes, corruption, a full filesystem, the lock,
+and writers and prunes SIGKILLed at random moments. Real files throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from hvbackup.backup.chunks import chunk_path
+from hvbackup.backup.repository import Repository
+from hvbackup.errors import RepositoryCorruptError, RepositoryError, RepositoryLockedError
+
+SMALL = 64 << 10  # the smallest chunk size keeps most tests fast
+GEOMETRY = {"block_size": 1 << 20, "logical_sector_size": 512, "physical_sector_size": 4096}
+
+
+def geometry(size: int) -> dict:
+    return {"virtual_size": size, **GEOMETRY}
+
+
+def pattern(key: int, length: int) -> bytes:
+    """Deterministic, incompressible bytes for a key (0 gives zeros)."""
+    if key == 0:
+        return bytes(length)
+    return np.random.default_rng(key).integers(0, 256, length, dtype=np.uint8).tobytes()
+
+
+def store(repo: Repository, images: list[bytes], fields: dict | None = None) -> str:
+    with repo.writer() as w:
+        for index, image in enumerate(images):
+            w.add_disk(index, geometry(len(image)))
+            for offset in range(0, len(image), repo.chunk_size):
+                w.put(index, offset, image[offset: offset + repo.chunk_size])
+        return w.commit(fields or {})
+
+
+def read_back(repo: Repository, point_id: str, index: int) -> bytes:
+    return b"".join(data for _, data in repo.read_disk(point_id, index))
+
+
+def chunk_files(repo: Repository) -> list[Path]:
+    return [p for p in Path(repo.path, "chunks").rglob("*") if p.is_file()]
+
+
+def flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at % len(data)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+# -- round trips and dedup
+
+
+def test_round_trip_dedup_across_disks_and_points(tmp_path):
+    repo = Repository.init(tmp_path / "r")
+    chunk = repo.chunk_size
+    assert chunk == 4 << 20
+    disk0 = pattern(1, 3 * chunk) + pattern(2, chunk + 12345)
+    disk1 = pattern(1, 3 * chunk)  # the same chunks as disk 0's first three: stored once
+    first = store(repo, [disk0, disk1], {"vm_name": "web", "vm_config": {"memory": 1024}, "rct_ids": ["rct:1"]})
+    assert len(chunk_files(repo)) == 5
+
+    second = store(repo, [disk0, disk1], {"vm_name": "web"})
+    assert repo.point(second)["bytes_stored"] < 1 << 20
+    assert repo.point(second)["bytes_read"] == len(disk0) + len(disk1)
+    assert len(chunk_files(repo)) == 5
+    for point_id in (first, second):
+        assert read_back(repo, point_id, 0) == disk0
+        assert read_back(repo, point_id, 1) == disk1
+    summary = Repository.open(repo.path).points()
+    assert [p["point_id"] for p in summary] == [first, second]
+    assert summary[0]["vm_config"] == {"memory": 1024} and summary[0]["rct_ids"] == ["rct:1"]
+    assert summary[0]["disks"][0]["geometry"]["virtual_size"] == len(disk0)
+    assert repo.verify(read_data=True) == []
+
+
+def test_zero_chunks_are_not_stored_and_tails_round_trip(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    image = bytes(SMALL) + pattern(3, SMALL) + bytes(SMALL) + pattern(4, 1000)
+    point = store(repo, [image, bytes(100)])
+    chunks = repo.point(point)["disks"][0]["chunks"]
+    assert chunks[0] is None and chunks[2] is None and None not in (chunks[1], chunks[3])
+    assert repo.point(point)["disks"][1]["chunks"] == [None]
+    assert len(chunk_files(repo)) == 2
+    assert read_back(repo, point, 0) == image and read_back(repo, point, 1) == bytes(100)
+    assert [o for o, _ in repo.read_disk(point, 0, zeros=False)] == [SMALL, 3 * SMALL]
+
+
+def test_incremental_reuses_previous_chunks(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    base = pattern(5, 4 * SMALL)
+    full = store(repo, [base])
+    previous = repo.point(full)["disks"][0]["chunks"]
+    changed = pattern(6, SMALL)
+    with repo.writer() as w:
+        w.add_disk(0, geometry(len(base)))
+        for i, ref in enumerate(previous):
+            if i == 2:
+                w.put(0, i * SMALL, changed)
+            else:
+                w.reuse(0, i * SMALL, ref)
+        incremental = w.commit({"reference_point": "rp-1", "method": "virtdisk"})
+    assert read_back(repo, incremental, 0) == base[: 2 * SMALL] + changed + base[3 * SMALL:]
+    assert repo.point(incremental)["bytes_read"] == SMALL
+
+
+def test_writer_refuses_bad_use(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    with repo.writer() as w:
+        w.add_disk(0, geometry(2 * SMALL))
+        with pytest.raises(RepositoryError, match="chunk boundary"):
+            w.put(0, 100, b"x")
+        with pytest.raises(RepositoryError, match="expected"):
+            w.put(0, 0, b"x")
+        with pytest.raises(RepositoryError, match="not in any committed point"):
+            w.reuse(0, 0, "ab" * 32)
+        with pytest.raises(RepositoryError, match="unknown manifest fields"):
+            w.commit({"colour": "red"})
+        w.put(0, 0, pattern(7, SMALL))
+        with pytest.raises(RepositoryError, match="never put"):
+            w.commit({})
+    assert repo.point_ids() == []
+    with pytest.raises(RepositoryError, match="chunk size"):
+        Repository.init(tmp_path / "other", chunk_size=SMALL + 4096)
+    with pytest.raises(RepositoryError, match="not a repository"):
+        Repository.open(tmp_path)
+
+
+# -- encryption
+
+
+def test_encryption_round_trip_and_wrong_passphrase(tmp_path):
+    repo = Repository.init(tmp_path / "r", passphrase="correct horse", chunk_size=SMALL)
+    image = pattern(8, 2 * SMALL + 7) + bytes(SMALL)
+    point = store(repo, [image], {"vm_name": "secret-vm"})
+    opened = Repository.open(repo.path, passphrase="correct horse")
+    assert read_back(opened, point, 0) == image
+    assert opened.verify(read_data=True) == []
+    # Keyed names: the plain BLAKE3 of a chunk is not its name, and no file holds the VM name in clear.
+    from blake3 import blake3
+    assert blake3(image[:SMALL]).hexdigest() not in repo.point(point)["disks"][0]["chunks"]
+    assert all(b"secret-vm" not in p.read_bytes() for p in Path(repo.path).rglob("*") if p.is_file())
+    with pytest.raises(RepositoryError, match="wrong passphrase"):
+        Repository.open(repo.path, passphrase="wrong")
+    with pytest.raises(RepositoryError, match="encrypted"):
+        Repository.open(repo.path)
+
+
+def test_encrypted_chunk_tampering_fails_authentication(tmp_path):
+    repo = Repository.init(tmp_path / "r", passphrase="pw", chunk_size=SMALL)
+    point = store(repo, [pattern(9, SMALL)])
+    path = Path(chunk_path(repo.path, repo.point(point)["disks"][0]["chunks"][0]))
+    data = bytearray(path.read_bytes())
+    data[40] ^= 1  # inside the sealed payload; recompute the outer checksum so only the AEAD can notice
+    from blake3 import blake3
+    data[-32:] = blake3(bytes(data[:-32])).digest()
+    path.write_bytes(bytes(data))
+    with pytest.raises(RepositoryCorruptError, match="authentication failed"):
+        read_back(repo, point, 0)
+
+
+# -- stateful model
+
+
+class RepositoryModel(RuleBasedStateMachine):
+    """Random puts, commits (full and incremental), forgets and prunes against a dict of expected images."""
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="repo-model-")
+        self.repo = Repository.init(os.path.join(self.dir, "r"), chunk_size=SMALL)
+        self.expected: dict[str, list[bytes]] = {}
+
+    def teardown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(disks=st.lists(st.tuples(st.integers(0, 4 * SMALL + 100), st.lists(st.integers(0, 4), min_size=5,
+                                                                                max_size=5)),
+                         min_size=1, max_size=3))
+    def commit_full(self, disks):
+        # Chunk contents come from a pool of five keys, so dedup across disks and points happens often.
+        images = [b"".join(pattern(k, SMALL) for k in keys)[:size] for size, keys in disks]
+        self.expected[store(self.repo, images)] = images
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def commit_incremental(self, data):
+        base = data.draw(st.sampled_from(sorted(self.expected)))
+        previous = self.repo.point(base)["disks"]
+        images = []
+        with self.repo.writer() as w:
+            for index, disk in enumerate(previous):
+                image = bytearray(self.expected[base][index])
+                w.add_disk(index, disk["geometry"])
+                for i, ref in enumerate(disk["chunks"]):
+                    offset = i * SMALL
+                    if data.draw(st.booleans()):
+                        piece = pattern(data.draw(st.integers(0, 6)), len(image[offset: offset + SMALL]))
+                        image[offset: offset + len(piece)] = piece
+                        w.put(index, offset, piece)
+                    else:
+                        w.reuse(index, offset, ref)
+                images.append(bytes(image))
+            if data.draw(st.booleans()):
+                return  # abandoned before commit: must leave no trace
+            self.expected[w.commit({"reference_point": base})] = images
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def forget(self, data):
+        point = data.draw(st.sampled_from(sorted(self.expected)))
+        self.repo.forget(point)
+        del self.expected[point]
+
+    @rule()
+    def prune(self):
+        self.repo.prune()
+
+    @invariant()
+    def every_point_reads_back(self):
+        assert self.repo.point_ids() == sorted(self.expected)
+        for point, images in self.expected.items():
+            for index, image in enumerate(images):
+                assert read_back(self.repo, point, index) == image
+
+    @invariant()
+    def sound(self):
+        assert self.repo.verify(read_data=True) == []
+
+
+RepositoryModel.TestCase.settings = settings(settings.default, max_examples=min(settings.default.max_examples, 25),
+                                             stateful_step_count=8)
+test_repository_model = RepositoryModel.TestCase
+
+
+def test_prune_deletes_only_unreferenced_chunks(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    keep = store(repo, [pattern(10, SMALL) + pattern(11, SMALL)])
+    drop = store(repo, [pattern(10, SMALL) + pattern(12, SMALL)])
+    assert len(chunk_files(repo)) == 3
+    repo.forget(drop)
+    assert len(chunk_files(repo)) == 3  # forget removes the manifest only
+    result = repo.prune()
+    assert result["chunks_deleted"] == 1 and result["chunks_kept"] == 2
+    assert read_back(repo, keep, 0) == pattern(10, SMALL) + pattern(11, SMALL)
+    with pytest.raises(RepositoryError, match="no restore point"):
+        repo.point(drop)
+
+
+# -- corruption
+
+
+@pytest.mark.parametrize("at", [0, 9, 20, 30, 100, -1])
+def test_flipped_byte_in_a_chunk_is_found(tmp_path, at):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    point = store(repo, [pattern(13, SMALL)])
+    name = repo.point(point)["disks"][0]["chunks"][0]
+    flip(Path(chunk_path(repo.path, name)), at)
+    assert repo.verify() == []  # structure is intact; only reading the data can tell
+    problems = repo.verify(read_data=True)
+    assert len(problems) == 1 and name in problems[0]
+    with pytest.raises(RepositoryCorruptError):
+        read_back(repo, point, 0)
+
+
+@pytest.mark.parametrize("at", [0, 9, 17, 30, -5])
+def test_flipped_byte_in_a_manifest_is_found(tmp_path, at):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    point = store(repo, [pattern(14, SMALL)])
+    flip(Path(repo.path, "points", point), at)
+    problems = repo.verify()
+    assert len(problems) == 1 and point in problems[0]
+    with pytest.raises(RepositoryCorruptError):
+        repo.point(point)
+    with pytest.raises(RepositoryCorruptError):
+        repo.prune()  # never delete chunks a damaged manifest might still need
+    assert len(chunk_files(repo)) == 1
+
+
+@pytest.mark.parametrize("at", [0, 9, 17, 40, -1])
+def test_flipped_byte_in_the_config_is_refused(tmp_path, at):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    flip(Path(repo.path, "config"), at)
+    with pytest.raises(RepositoryCorruptError, match="config"):
+        Repository.open(repo.path)
+
+
+def test_deleted_chunk_is_reported(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    point = store(repo, [pattern(15, SMALL) + pattern(16, SMALL)])
+    name = repo.point(point)["disks"][0]["chunks"][1]
+    os.unlink(chunk_path(repo.path, name))
+    problems = repo.verify()
+    assert len(problems) == 1 and "missing" in problems[0] and name in problems[0]
+    with pytest.raises(RepositoryCorruptError, match="missing"):
+        read_back(repo, point, 0)
+
+
+def test_torn_chunk_file_is_rewritten_not_trusted(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    data = pattern(17, SMALL)
+    torn = Path(chunk_path(repo.path, repo.codec.name(data).hex()))
+    torn.write_bytes(b"HVBKCHNK" + bytes(10))  # what a crash without fsync could leave
+    point = store(repo, [data])
+    assert read_back(repo, point, 0) == data and repo.verify(read_data=True) == []
+
+
+# -- the lock, a full disk, crashes
+
+
+def test_second_writer_is_refused(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    with repo.writer():
+        with pytest.raises(RepositoryLockedError, match=f"pid {os.getpid()}"):
+            Repository.open(repo.path).writer().__enter__()
+        with pytest.raises(RepositoryLockedError):
+            repo.prune()
+    assert store(repo, [pattern(18, SMALL)])
+
+
+def _run_child(code: str, *args) -> subprocess.Popen:
+    tests = str(Path(__file__).parent)
+    return subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {tests!r}); {code}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def write_until_full(path: str) -> None:
+    """Child: with files capped at 100 KiB (as a full disk would refuse writes), store a point whose
+    chunks do not fit; print the error the writer raised."""
+    import resource
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-limit write then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, 100 << 10))
+    try:
+        store(Repository.open(path), [pattern(19, SMALL * 4)])
+    except RepositoryError as exc:
+        print(exc)
+
+
+def test_failed_write_leaves_repository_valid(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=256 << 10)
+    first = store(repo, [pattern(20, 100)])
+    child = _run_child("import test_repository as t; t.write_until_full(sys.argv[1])", repo.path)
+    out, err = child.communicate(timeout=60)
+    assert "cannot store chunk" in out, err
+    assert repo.point_ids() == [first] and repo.verify(read_data=True) == []
+    second = store(repo, [pattern(19, SMALL * 4)])
+    assert read_back(repo, second, 0) == pattern(19, SMALL * 4)
+    assert os.listdir(Path(repo.path, "tmp")) == []
+
+
+def crash_image(seed: int, disk: int) -> bytes:
+    """What the crash workload stores for a seed: a pool of keys, so points share chunks."""
+    rng = random.Random(seed * 10 + disk)
+    return b"".join(pattern(rng.choice([0, 1, 2, 3, seed * 10 + disk + 100]), SMALL) for _ in range(6))[:-999]
+
+
+def crash_workload(path: str) -> None:
+    """Child: store points forever, forgetting the oldest and pruning now and then; each point's seed
+    is in its vm_config so the parent can tell what any point that exists must hold."""
+    repo = Repository.open(path)
+    for seed in range(1, 10**6):
+        store(repo, [crash_image(seed, 0), crash_image(seed, 1)], {"vm_config": {"seed": seed}})
+        if seed % 3 == 0:
+            repo.forget(repo.point_ids()[0])
+            repo.prune()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_repository_valid(tmp_path, sample):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    rng = random.Random(1234)
+    for _ in range(sample(12, 200)):
+        child = _run_child("import test_repository as t; t.crash_workload(sys.argv[1])", repo.path)
+        time.sleep(rng.uniform(0.3, 1.2))  # interpreter start-up takes a good part of the first 0.3 s
+        child.send_signal(signal.SIGKILL)
+        _, err = child.communicate()
+        assert child.returncode == -signal.SIGKILL, err
+        opened = Repository.open(repo.path)
+        assert opened.verify(read_data=True) == []
+        for point in opened.point_ids():
+            seed = opened.point(point)["vm_config"]["seed"]
+            for disk in (0, 1):
+                assert read_back(opened, point, disk) == crash_image(seed, disk)
+    assert Repository.open(repo.path).point_ids(), "no point was ever committed: the kills came too early"
+    assert store(repo, [pattern(21, SMALL)])
+
+
+# -- the command
+
+
+def test_cli_repo_init(tmp_path, hv, hv_json, monkeypatch):
+    made = hv_json("repo", "init", tmp_path / "plain", "--chunk-size", "1M")
+    assert made["chunk_size"] == 1 << 20 and made["encrypted"] is False
+    assert Repository.open(str(tmp_path / "plain")).id == made["id"]
+    monkeypatch.setenv("HVBACKUP_PASSPHRASE", "from-env")
+    made = hv_json("repo", "init", tmp_path / "secret", "--encrypt")
+    assert made["encrypted"] is True and made["chunk_size"] == 4 << 20
+    assert Repository.open(str(tmp_path / "secret"), passphrase="from-env").encrypted
+    refused = hv("repo", "init", tmp_path / "secret")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "not an empty directory" in refused.stderr
+    text = hv("repo", "init", tmp_path / "third")
+    assert text.returncode == 0 and "not encrypted" in text.stdout
+    assert json.loads(Path(tmp_path / "third" / "config").read_bytes()[24:-32])["hash"] == "blake3"
