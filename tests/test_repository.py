@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,18 @@ def test_writer_refuses_bad_use(tmp_path):
         Repository.init(tmp_path / "other", chunk_size=SMALL + 4096)
     with pytest.raises(RepositoryError, match="not a repository"):
         Repository.open(tmp_path)
+
+
+def test_puts_from_several_threads(tmp_path):
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    image = b"".join(pattern(k % 5, SMALL) for k in range(40)) + pattern(6, 10)
+    with repo.writer() as w:
+        w.add_disk(0, geometry(len(image)))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda off: w.put(0, off, image[off: off + SMALL]), range(0, len(image), SMALL)))
+        point = w.commit({})
+    assert read_back(repo, point, 0) == image
+    assert len(chunk_files(repo)) == 5 and repo.verify(read_data=True) == []
 
 
 # -- encryption
@@ -398,6 +411,7 @@ def test_sigkill_at_random_moments_leaves_repository_valid(tmp_path, sample):
                 assert read_back(opened, point, disk) == crash_image(seed, disk)
     assert Repository.open(repo.path).point_ids(), "no point was ever committed: the kills came too early"
     assert store(repo, [pattern(21, SMALL)])
+    assert os.listdir(Path(repo.path, "tmp")) == []  # the next writer cleared what the killed ones left
 
 
 # -- the command

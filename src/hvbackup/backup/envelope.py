@@ -24,7 +24,9 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_COMPRESSED
 
 def frame(magic: bytes, flags: int, payload: bytes) -> bytes:
     header = HEADER.pack(magic, VERSION, flags, 0, len(payload))
-    return header + payload + blake3(header + payload).digest()
+    checksum = blake3(header)
+    checksum.update(payload)  # no concatenated copy of a 4 MiB payload just to hash it
+    return b"".join((header, payload, checksum.digest()))
 
 
 def header_of(magic: bytes, flags: int, payload_length: int) -> bytes:
