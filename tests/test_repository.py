@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from blake3 import blake3
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hvbackup.backup.chunks import chunk_path
+from hvbackup.backup.manifest import decode as decode_manifest
 from hvbackup.backup.repository import Repository
 from hvbackup.errors import RepositoryCorruptError, RepositoryError, RepositoryLockedError
 
@@ -136,6 +138,13 @@ def test_writer_refuses_bad_use(tmp_path):
         with pytest.raises(RepositoryError, match="never put"):
             w.commit({})
     assert repo.point_ids() == []
+    outside = repo.writer()
+    with pytest.raises(RepositoryError, match="not open"):
+        outside.add_disk(0, geometry(SMALL)) or outside.put(0, 0, pattern(7, SMALL))
+    with repo.writer() as w:
+        w.commit({})
+        with pytest.raises(RepositoryError, match="not open"):
+            w.commit({})
     with pytest.raises(RepositoryError, match="chunk size"):
         Repository.init(tmp_path / "other", chunk_size=SMALL + 4096)
     with pytest.raises(RepositoryError, match="not a repository"):
@@ -165,7 +174,6 @@ def test_encryption_round_trip_and_wrong_passphrase(tmp_path):
     assert read_back(opened, point, 0) == image
     assert opened.verify(read_data=True) == []
     # Keyed names: the plain BLAKE3 of a chunk is not its name, and no file holds the VM name in clear.
-    from blake3 import blake3
     assert blake3(image[:SMALL]).hexdigest() not in repo.point(point)["disks"][0]["chunks"]
     assert all(b"secret-vm" not in p.read_bytes() for p in Path(repo.path).rglob("*") if p.is_file())
     with pytest.raises(RepositoryError, match="wrong passphrase"):
@@ -180,7 +188,6 @@ def test_encrypted_chunk_tampering_fails_authentication(tmp_path):
     path = Path(chunk_path(repo.path, repo.point(point)["disks"][0]["chunks"][0]))
     data = bytearray(path.read_bytes())
     data[40] ^= 1  # inside the sealed payload; recompute the outer checksum so only the AEAD can notice
-    from blake3 import blake3
     data[-32:] = blake3(bytes(data[:-32])).digest()
     path.write_bytes(bytes(data))
     with pytest.raises(RepositoryCorruptError, match="authentication failed"):
@@ -256,7 +263,8 @@ class RepositoryModel(RuleBasedStateMachine):
         assert self.repo.verify(read_data=True) == []
 
 
-RepositoryModel.TestCase.settings = settings(settings.default, max_examples=min(settings.default.max_examples, 25),
+# A third of the profile's examples: 20 in CI, over 300 with --full.
+RepositoryModel.TestCase.settings = settings(settings.default, max_examples=settings.default.max_examples // 3,
                                              stateful_step_count=8)
 test_repository_model = RepositoryModel.TestCase
 
@@ -311,6 +319,36 @@ def test_flipped_byte_in_the_config_is_refused(tmp_path, at):
     flip(Path(repo.path, "config"), at)
     with pytest.raises(RepositoryCorruptError, match="config"):
         Repository.open(repo.path)
+
+
+@pytest.fixture(scope="module")
+def fuzz_repo(tmp_path_factory) -> Repository:
+    repo = Repository.init(tmp_path_factory.mktemp("fuzz") / "r", chunk_size=SMALL)
+    store(repo, [pattern(22, SMALL) + bytes(100)])
+    return repo
+
+
+@given(st.data())
+def test_damaged_files_raise_only_repository_errors(fuzz_repo, data):
+    """Whatever bytes a chunk or manifest file holds, reading it gives a RepositoryError, never
+    another exception or a wrong answer."""
+    repo = fuzz_repo
+    name = repo.codec.name(pattern(22, SMALL))
+    good_chunk, point = repo.codec.encode(name, pattern(22, SMALL)), repo.point_ids()[0]
+    good_manifest = Path(repo.path, "points", point).read_bytes()
+    for good, read in ((good_chunk, lambda b: repo.codec.decode(name, b)),
+                       (good_manifest, lambda b: decode_manifest(b, point, None, repo.id, SMALL))):
+        damaged = bytearray(good)
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, len(damaged) - 1))
+            damaged[at] = data.draw(st.integers(0, 255))
+        damaged = damaged[: data.draw(st.integers(0, len(damaged)))] + data.draw(st.binary(max_size=64))
+        if len(damaged) > 56 and data.draw(st.booleans()):
+            damaged[-32:] = blake3(bytes(damaged[:-32])).digest()  # get past the checksum to the parsers
+        if bytes(damaged) == good:
+            continue
+        with pytest.raises(RepositoryError):
+            read(bytes(damaged))
 
 
 def test_deleted_chunk_is_reported(tmp_path):

@@ -49,7 +49,7 @@ def decode(stored: bytes, point_id: str, keys: Keys | None, repository_id: str, 
         payload = keys.open(payload, header + point_id.encode(), what)
     try:
         manifest = json.loads(decompress(payload, MAX_JSON, what))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; nesting too deep
         raise RepositoryCorruptError(f"{what}: not valid JSON ({exc})") from None
     validate(manifest, what, point_id, repository_id, chunk_size)
     return manifest

@@ -181,7 +181,7 @@ class Repository:
             try:
                 m = self.point(point_id)
             except RepositoryError:
-                if strict:
+                if strict and os.path.exists(self._sub("points", point_id)):  # else forgotten meanwhile
                     raise
                 continue
             names = b"".join(bytes.fromhex(c) for d in m["disks"] for c in d["chunks"] if c is not None)
@@ -251,7 +251,7 @@ class Writer:
         self._written: set[bytes] = set()
         self._durable = np.empty(0, "S32")
         self._dirty_dirs: set[str] = set()
-        self._closed = False
+        self._closed = True  # until __enter__ takes the lock
         self.bytes_read = self.bytes_stored = 0
 
     def __enter__(self) -> "Writer":
@@ -263,6 +263,7 @@ class Writer:
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
+        self._closed = False
         return self
 
     def __exit__(self, *exc) -> None:
@@ -285,7 +286,7 @@ class Writer:
 
     def _slot(self, disk_index: int, offset: int) -> tuple[int, int]:
         if self._closed:
-            raise RepositoryError("this writer has already committed or closed")
+            raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
         if disk_index not in self._disks:
             raise RepositoryError(f"no disk {disk_index} (add_disk first)")
         geometry, slots = self._disks[disk_index]
@@ -336,7 +337,7 @@ class Writer:
                 missing = slots.index(_UNSET) * self.repo.chunk_size
                 raise RepositoryError(f"disk {index}: the chunk at offset {missing} was never put")
         if self._closed:
-            raise RepositoryError("this writer has already committed or closed")
+            raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
         now = time.time()
         # Sortable by time, so listing points in name order lists them oldest first.
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
