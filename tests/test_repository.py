@@ -421,13 +421,14 @@ def crash_image(seed: int, disk: int) -> bytes:
 
 
 def crash_workload(path: str) -> None:
-    """Child: store points forever, forgetting the oldest and pruning now and then; each point's seed
-    is in its vm_config so the parent can tell what any point that exists must hold."""
+    """Child: store points forever, keeping the newest four (forget the oldest, prune); each point's
+    seed is in its vm_config so the parent can tell what any point that exists must hold."""
     repo = Repository.open(path)
     for seed in range(1, 10**6):
         store(repo, [crash_image(seed, 0), crash_image(seed, 1)], {"vm_config": {"seed": seed}})
-        if seed % 3 == 0:
-            repo.forget(repo.point_ids()[0])
+        points = repo.point_ids()
+        if len(points) > 4:
+            repo.forget(points[0])
             repo.prune()
 
 
