@@ -62,14 +62,6 @@ def read_bounded(path: str, max_size: int, what: str) -> bytes:
         return f.read(max_size + 1)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durable(tmp_dir: str, final_path: str, data: bytes) -> None:
     """Write ``data`` to a new file in ``tmp_dir``, fsync it and rename it to ``final_path``: the
     destination is either absent or complete. The caller fsyncs the destination directory."""

@@ -20,6 +20,7 @@ from hvbackup.backup import envelope, manifest
 from hvbackup.backup.chunks import NAME, ChunkCodec, chunk_dirs, chunk_path, max_payload
 from hvbackup.backup.crypto import Keys
 from hvbackup.backup.lock import RepositoryLock
+from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import RepositoryCorruptError, RepositoryError
 
 CONFIG_MAGIC = b"HVBKCONF"
@@ -62,11 +63,11 @@ class Repository:
             for sub in ("tmp", "points", "chunks", *chunk_dirs(path)):
                 os.makedirs(os.path.join(path, sub), exist_ok=True)
             for d in (*chunk_dirs(path), os.path.join(path, "chunks"), path):
-                envelope.fsync_dir(d)
+                sync_directory(d)
             # The config goes last: a directory without one is an unfinished init, not a repository.
             data = envelope.frame(CONFIG_MAGIC, 0, json.dumps(config, indent=1).encode())
             envelope.write_durable(os.path.join(path, "tmp"), os.path.join(path, "config"), data)
-            envelope.fsync_dir(path)
+            sync_directory(path)
         except OSError as exc:
             raise RepositoryError(f"cannot create repository at {path}: {exc.strerror}") from None
         return cls(path, config, keys)
@@ -169,7 +170,7 @@ class Repository:
             os.unlink(self._sub("points", point_id))
         except FileNotFoundError:
             raise RepositoryError(f"no restore point {point_id}") from None
-        envelope.fsync_dir(self._sub("points"))
+        sync_directory(self._sub("points"))
 
     def referenced(self, *, strict: bool, prefix: bool = False) -> np.ndarray:
         """The sorted, unique chunk names the manifests reference: full 32-byte names ('S32'), or their
@@ -350,10 +351,10 @@ class Writer:
             # Chunk files were fsynced before their rename; their directory entries become durable here,
             # before the manifest that references them exists.
             for directory in sorted(self._dirty_dirs):
-                envelope.fsync_dir(directory)
+                sync_directory(directory)
             envelope.write_durable(self.repo._sub("tmp"), self.repo._sub("points", point_id),
                                    manifest.encode(doc, self.repo._keys))
-            envelope.fsync_dir(self.repo._sub("points"))
+            sync_directory(self.repo._sub("points"))
         except OSError as exc:
             raise RepositoryError(f"cannot commit the restore point: {exc.strerror}") from None
         self._closed = True
