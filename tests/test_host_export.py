@@ -199,9 +199,11 @@ def test_checkpoints_taken_under_guest_writes_export_exactly_what_preceded_them(
         writer.join()
     vm.close_disks()
     last = SequencedWriter.last_write(full["virtual_hard_disks"][0])
-    assert acked_before <= last < issued_after
+    # Write ``issued_after`` may have completed just before the checkpoint froze the disk; later ones
+    # began after it returned.
+    assert acked_before <= last <= issued_after
     last2 = SequencedWriter.last_write(diff["virtual_hard_disks"][0])  # through its parent, the full export
-    assert acked_before2 <= last2 < issued_after2 and last2 > last
+    assert acked_before2 <= last2 <= issued_after2 and last2 > last
 
 
 def test_standard_checkpoint_exports_and_serves_as_a_differential_base(host, tmp_path):
