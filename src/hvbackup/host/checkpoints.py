@@ -29,6 +29,7 @@ from hvbackup.host.model import (
     new_id,
 )
 from hvbackup.host.vm import INVALID_PARAMETER, INVALID_STATE, SYSTEM_IN_USE, Vm
+from hvbackup.tracking.sidefiles import remove_side_files
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -168,7 +169,7 @@ def _collapse_one(vm: Vm) -> bool:
                 continue
             kids = [f for f, p in files.items() if p == name]
             if not kids:
-                _remove_file(vm.path_of(name))
+                remove_disk_file(vm.path_of(name))
                 del files[name]
                 vm.save(document)
                 return True
@@ -198,10 +199,11 @@ def _merge_down(vm: Vm, document: dict, instance_id: str, parent: str, child: st
     vm.save(document)
 
 
-def _remove_file(path: str) -> None:
-    for side in (path, path + ".rct", path + ".mrt"):
-        if os.path.exists(side):
-            os.unlink(side)
+def remove_disk_file(path: str) -> None:
+    """A disk file nothing needs, with its change tracking side files."""
+    if os.path.exists(path):
+        os.unlink(path)
+    remove_side_files(path)
 
 
 def require_recovery(checkpoint: Checkpoint) -> None:

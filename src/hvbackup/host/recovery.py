@@ -54,7 +54,7 @@ def recover(vm: Vm) -> None:
         recorded = {f for files in document["files"].values() for f in files}
         for name in intent["files"]:
             if name not in recorded:
-                checkpoints._remove_file(vm.path_of(name))
+                checkpoints.remove_disk_file(vm.path_of(name))
         document["intent"] = None
         vm.save(document)
     elif intent["op"] == "collapse":
@@ -122,5 +122,5 @@ def clean(host: Host, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orpha
         for vm, checkpoint, _ in orphans.checkpoints:
             checkpoints.destroy(vm, checkpoint.instance_id)
         for vm, name in orphans.files:
-            checkpoints._remove_file(vm.path_of(name))
+            checkpoints.remove_disk_file(vm.path_of(name))
         return orphans

@@ -9,7 +9,6 @@ finishes the hand-over.
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Iterable
 
@@ -18,8 +17,10 @@ from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.tracking import mrtfile
 from hvbackup.tracking.mrtfile import MrtState, region_size_for
 from hvbackup.tracking.rctfile import MAX_RETIRED, EarlierLineage, RctState, Retirement
-from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker, write_marker
+from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker, remove_side_files, write_marker
 from hvbackup.tracking.state import Condition, Tracking, load
+
+__all__ = ["begin_merge", "finish_merge", "inherit", "remove_side_files"]
 
 
 def _install(disk: VhdxDisk, rct: RctState, mrt: MrtState | None = None) -> None:
@@ -73,8 +74,3 @@ def finish_merge(handed: Tracking, parent: VhdxDisk) -> None:
     history (a superset of its own), as of its new DataWriteGuid."""
     _install(parent, handed.rct)
 
-
-def remove_side_files(disk_path: str) -> None:
-    for side in (rct_path(disk_path), mrt_path(disk_path)):
-        if os.path.exists(side):
-            os.unlink(side)

@@ -7,7 +7,6 @@ first, then the side files.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 from hvbackup.disks.vhdx.disk import VhdxDisk
@@ -15,7 +14,7 @@ from hvbackup.tracking import mrtfile
 from hvbackup.tracking.changemap import ChangeMap, choose_granularity
 from hvbackup.tracking.mrtfile import MrtState, region_size_for
 from hvbackup.tracking.rctfile import EarlierLineage, RctState, Retirement
-from hvbackup.tracking.sidefiles import mrt_path, rct_path, write_marker
+from hvbackup.tracking.sidefiles import mrt_path, rct_path, remove_side_files, write_marker
 from hvbackup.tracking.state import Condition, Tracking, load
 
 
@@ -47,9 +46,7 @@ def restart(disk: VhdxDisk, tracking: Tracking) -> Tracking:
 def end(disk: VhdxDisk) -> None:
     write_marker(disk, None)
     disk.flush()
-    for side in (rct_path(disk.path), mrt_path(disk.path)):
-        if os.path.exists(side):
-            os.unlink(side)
+    remove_side_files(disk.path)
 
 
 def save(disk: VhdxDisk, tracking: Tracking, *, seal: bool) -> None:

@@ -8,6 +8,7 @@ what ties the side files to this disk and no other.
 
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 
@@ -24,6 +25,12 @@ def rct_path(disk_path: str) -> str:
 
 def mrt_path(disk_path: str) -> str:
     return disk_path + ".mrt"
+
+
+def remove_side_files(disk_path: str) -> None:
+    for side in (rct_path(disk_path), mrt_path(disk_path)):
+        if os.path.exists(side):
+            os.unlink(side)
 
 
 def read_marker(disk: VhdxDisk) -> uuid.UUID | None:
