@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from typing import Callable
 
 from hvbackup import disks, tracking
+from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import HostError
 from hvbackup.host import store
-from hvbackup.host.model import DiskAttachment, VmConfig, VmState, new_id
+from hvbackup.host.model import DiskAttachment, VmConfig, disk_instance_id, new_id, new_vm_document
 from hvbackup.host.vm import DISK_DIRECTORY, INVALID_PARAMETER, Vm
 
 MiB = 1 << 20
@@ -72,33 +74,34 @@ class Host:
         if not name or any(vm.name == name for vm in self.vms()):
             raise HostError(f"a VM needs a name no other VM of the host has ({name!r})", INVALID_PARAMETER)
         vm_id = vm_id or new_id()
+
+        def build(staging: str) -> VmConfig:
+            attachments = []
+            for index, size in enumerate(disk_sizes):
+                relative = os.path.join(DISK_DIRECTORY, f"{name}_disk{index}.vhdx")
+                disks.create(os.path.join(staging, relative), size, block_size=block_size).close()
+                tracking.enable(os.path.join(staging, relative))
+                attachments.append(DiskAttachment(disk_instance_id(vm_id, index), [relative], 0, index))
+            return VmConfig(vm_id, name, processors, memory_mb, notes, attachments)
+
+        return self.add_vm(vm_id, build)
+
+    def add_vm(self, vm_id: str, build: Callable[[str], VmConfig]) -> Vm:
+        """Make a VM in a staging directory, ``build(staging)`` putting its tracked disks there and
+        returning its configuration, then move it in place with one rename: a crash never leaves
+        half a VM (an abandoned staging directory is removed when the host opens)."""
         with self.lock.held():
             directory = os.path.join(self.directory, "vms", vm_id)
             staging = directory + ".partial"
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(os.path.join(staging, DISK_DIRECTORY))
-            attachments, files = [], {}
-            for index, size in enumerate(disk_sizes):
-                relative = os.path.join(DISK_DIRECTORY, f"{name}_disk{index}.vhdx")
-                disks.create(os.path.join(staging, relative), size, block_size=block_size).close()
-                tracking.enable(os.path.join(staging, relative))
-                instance_id = f"Microsoft:{vm_id}\\{new_id()}\\0\\{index}\\D"
-                attachments.append(DiskAttachment(instance_id, [relative], 0, index))
-                files[instance_id] = {relative: None}
-            config = VmConfig(vm_id, name, processors, memory_mb, notes, attachments)
-            store.write_document(os.path.join(staging, "vm.json"), {
-                "config": config.to_dict(), "state": int(VmState.OFF), "checkpoints": [], "reference_points": [],
-                "files": files, "intent": None,
-            })
-            _rename_durably(staging, directory)
+            try:
+                config = build(staging)
+                store.write_document(os.path.join(staging, "vm.json"), new_vm_document(config))
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            # The side files name their disk by path: the directory moves, not the files in it.
+            os.rename(staging, directory)
+            sync_directory(os.path.dirname(directory))
             return self._vm(vm_id)
-
-
-def _rename_durably(source: str, target: str) -> None:
-    os.rename(source, target)
-    parent = os.path.dirname(target)
-    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hvbackup import disks, tracking
-from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import DiskError, HostError
-from hvbackup.host import store
 from hvbackup.host.export import CONFIG_DIRECTORY, DEFINITION_FORMAT, DEFINITION_VERSION
-from hvbackup.host.model import DiskAttachment, VmConfig, VmState, new_id
+from hvbackup.host.model import DiskAttachment, VmConfig, disk_instance_id, new_id
 from hvbackup.host.vm import DISK_DIRECTORY, INVALID_PARAMETER, Vm
 
 if TYPE_CHECKING:
@@ -114,26 +111,13 @@ def realize_planned_system(planned: PlannedSystem) -> Vm:
     host = planned.host
     with host.lock.held():
         _check_free(planned)
-        root = os.path.join(host.directory, "vms")
-        directory = os.path.join(root, planned.vm_id)
-        staging = directory + ".partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(os.path.join(staging, DISK_DIRECTORY))
-        try:
-            document = _build(planned, staging)
-            store.write_document(os.path.join(staging, "vm.json"), document)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        os.rename(staging, directory)
-        sync_directory(root)
-        return host.vm(planned.vm_id)
+        return host.add_vm(planned.vm_id, lambda staging: _copy_disks(planned, staging))
 
 
-def _build(planned: PlannedSystem, staging: str) -> dict:
-    """Copy the disks into ``staging`` and return the VM document, made as ``Host.create_vm`` makes one."""
+def _copy_disks(planned: PlannedSystem, staging: str) -> VmConfig:
+    """Copy the disks into ``staging`` and return the configuration of the VM they belong to."""
     config = planned.config
-    attachments, files = [], {}
+    attachments = []
     for index, (attachment, source) in enumerate(zip(config.disks, planned.disk_paths)):
         relative = os.path.join(DISK_DIRECTORY, f"{config.name}_disk{index}.vhdx")
         try:
@@ -142,10 +126,6 @@ def _build(planned: PlannedSystem, staging: str) -> dict:
             raise HostError(f"importing {source}: {exc}") from None
         tracking.enable(os.path.join(staging, relative))
         # A disk's instance ID embeds the VM's ID; a new VM gets new ones.
-        instance_id = (f"Microsoft:{planned.vm_id}\\{new_id()}\\0\\{index}\\D" if planned.new_identifier
-                       else attachment.instance_id)
+        instance_id = disk_instance_id(planned.vm_id, index) if planned.new_identifier else attachment.instance_id
         attachments.append(DiskAttachment(instance_id, [relative], attachment.controller, attachment.location))
-        files[instance_id] = {relative: None}
-    realized = VmConfig(planned.vm_id, config.name, config.processors, config.memory_mb, config.notes, attachments)
-    return {"config": realized.to_dict(), "state": int(VmState.OFF), "checkpoints": [], "reference_points": [],
-            "files": files, "intent": None}
+    return VmConfig(planned.vm_id, config.name, config.processors, config.memory_mb, config.notes, attachments)

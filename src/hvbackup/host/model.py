@@ -128,6 +128,19 @@ def new_id() -> str:
     return str(uuid.uuid4()).upper()
 
 
+def disk_instance_id(vm_id: str, index: int) -> str:
+    """A new Msvm_StorageAllocationSettingData InstanceID: it embeds the VM's ID."""
+    return f"Microsoft:{vm_id}\\{new_id()}\\0\\{index}\\D"
+
+
+def new_vm_document(config: VmConfig) -> dict:
+    """The document of a VM just created or imported: Off, each disk a single base file."""
+    return {
+        "config": config.to_dict(), "state": int(VmState.OFF), "checkpoints": [], "reference_points": [],
+        "files": {d.instance_id: {d.active: None} for d in config.disks}, "intent": None,
+    }
+
+
 # Msvm_VirtualSystemExportSettingData.CopySnapshotConfiguration and .BackupIntent
 EXPORT_ALL_SNAPSHOTS, EXPORT_NO_SNAPSHOTS, EXPORT_ONE_SNAPSHOT, EXPORT_ONE_SNAPSHOT_FOR_BACKUP = 0, 1, 2, 3
 BACKUP_INTENT_PRESERVE_CHAIN, BACKUP_INTENT_MERGE = 0, 1
