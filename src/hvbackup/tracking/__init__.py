@@ -20,15 +20,19 @@ from hvbackup.tracking import lifecycle, state
 from hvbackup.tracking.filter import TrackedDisk
 from hvbackup.tracking.ids import RctId
 from hvbackup.tracking.state import Condition, TrackingStatus
-from hvbackup.winerror import ERROR_VHD_INVALID_TYPE
+from hvbackup.winerror import ERROR_VHD_CHANGE_TRACKING_DISABLED, ERROR_VHD_INVALID_TYPE
 
 DEFAULT_MAX_RANGES = 1 << 20
 
 
-def _open_vhdx(path: str, *, read_only: bool) -> VhdxDisk:
-    path = os.fspath(path)
+def _require_vhdx(path: str) -> None:
     if disks.detect_format(path) != "vhdx":
         raise TrackingError(ERROR_VHD_INVALID_TYPE, f"{path}: change tracking needs a VHDX disk")
+
+
+def _open_vhdx(path: str, *, read_only: bool) -> VhdxDisk:
+    path = os.fspath(path)
+    _require_vhdx(path)
     return VhdxDisk.open(path, read_only=read_only)
 
 
@@ -67,11 +71,11 @@ def query(path: str, change_id: str, offset: int = 0, length: int | None = None,
 
 def seal(path: str) -> str:
     """Seal a point on a closed disk and return its ID."""
-    _open_vhdx(path, read_only=True).close()  # a VHD or raw image gets ERROR_VHD_INVALID_TYPE
+    _require_vhdx(os.fspath(path))
     disk = disks.open(path)
     try:
         if not isinstance(disk, TrackedDisk):
-            raise TrackingError(state.ERROR_VHD_CHANGE_TRACKING_DISABLED, f"{path}: change tracking is off")
+            raise TrackingError(ERROR_VHD_CHANGE_TRACKING_DISABLED, f"{path}: change tracking is off")
         return disk.seal()
     finally:
         disk.close()

@@ -37,11 +37,11 @@ def inherit(child: VhdxDisk) -> None:
     (another child of the same parent, after a checkpoint was applied) are never mistaken for
     another's. If the parent's tracking cannot answer, the child's is lost too and restarts at its
     first writer."""
-    parent = child.parent
-    if not isinstance(parent, VhdxDisk) or read_marker(child) is None:
+    parent, copied = child.parent, read_marker(child)
+    if not isinstance(parent, VhdxDisk) or copied is None:
         return
     tracking = load(parent)
-    if tracking.condition == Condition.ACTIVE and tracking.lineage == read_marker(child):
+    if tracking.condition == Condition.ACTIVE and tracking.lineage == copied:
         rct = tracking.rct
         forked = EarlierLineage(rct.lineage, Retirement.CONTINUED, rct.last_sealed)
         rct.retired = [*rct.retired, forked][-MAX_RETIRED:]

@@ -141,3 +141,13 @@ class RctState:
             epochs = np.repeat(values.astype(np.uint32), ends - starts)
         return cls(uuid.UUID(bytes_le=lineage), last_sealed, uuid.UUID(bytes_le=dwg),
                    ChangeMap(size, granularity, epochs), retired)
+
+
+# The largest file a valid save can be: the header, every earlier lineage, the densest map, the CRC.
+MAX_FILE_SIZE = _HEADER.size + MAX_RETIRED * _RETIRED.size + MAX_GRANULES * 4 + _FRAME_OVERHEAD + 4
+
+
+def read(path: str, virtual_size: int) -> RctState:
+    """Raises FileNotFoundError, OSError or RctFormatError; never reads more than a valid file holds."""
+    with open(path, "rb") as f:
+        return RctState.unpack(f.read(MAX_FILE_SIZE + 1), virtual_size)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import TrackingError
-from hvbackup.tracking import mrtfile
+from hvbackup.tracking import mrtfile, rctfile
 from hvbackup.tracking.ids import RctId
 from hvbackup.tracking.mrtfile import MrtFormatError, MrtState
 from hvbackup.tracking.rctfile import RctFormatError, RctState, Retirement
@@ -34,8 +34,6 @@ from hvbackup.winerror import (
     ERROR_VHD_INVALID_CHANGE_TRACKING_ID,
     ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION,
 )
-
-MAX_RCT_BYTES = (1 << 26) * 4 + (1 << 20)  # the largest map plus header and frame overhead
 
 
 class Condition(enum.StrEnum):
@@ -148,8 +146,7 @@ def load(disk: VhdxDisk) -> Tracking:
         return Tracking(path, size, Condition.LOST, lineage, rct, problem=problem, problem_code=code)
 
     try:
-        with open(rct_path(path), "rb") as f:
-            rct = RctState.unpack(f.read(MAX_RCT_BYTES), size)
+        rct = rctfile.read(rct_path(path), size)
     except FileNotFoundError:
         return lost(ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION, "its .rct file is missing")
     except (RctFormatError, OSError) as exc:
