@@ -74,3 +74,11 @@ def hv_json(hv):
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
     return run
+
+
+@pytest.fixture
+def host(tmp_path):
+    """A fresh virtualization host in a temporary directory."""
+    from hvbackup.host import Host
+
+    return Host.init(str(tmp_path / "host"))

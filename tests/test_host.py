@@ -17,11 +17,6 @@ G = 64 * 1024
 
 
 @pytest.fixture
-def host(tmp_path) -> Host:
-    return Host.init(str(tmp_path / "host"))
-
-
-@pytest.fixture
 def vm(host):
     vm = host.create_vm("web", [64 * MiB, 32 * MiB])
     vm.request_state_change("start")

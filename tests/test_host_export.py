@@ -29,11 +29,6 @@ MiB = 1 << 20
 K64 = 64 << 10
 
 
-@pytest.fixture
-def host(tmp_path) -> Host:
-    return Host.init(str(tmp_path / "host"))
-
-
 class Guest:
     """A running VM and a model of what each of its disks holds."""
 

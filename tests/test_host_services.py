@@ -25,11 +25,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def host(tmp_path) -> Host:
-    return Host.init(str(tmp_path / "host"))
-
-
-@pytest.fixture
 def vm(host):
     vm = host.create_vm("web", [16 * MiB, 8 * MiB])
     vm.request_state_change("start")

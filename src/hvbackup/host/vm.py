@@ -125,14 +125,16 @@ class Vm:
     def _device(self, index: int) -> BlockDevice:
         device = self._devices.get(index)
         if device is None:
-            if self.state not in (VmState.RUNNING, VmState.PAUSED):
-                raise HostError(f"VM {self.name} is {self.state.name.title()}; start it to reach its disks",
+            document = self.load()
+            config, state = VmConfig.from_dict(document["config"]), VmState(document["state"])
+            if state not in (VmState.RUNNING, VmState.PAUSED):
+                raise HostError(f"VM {config.name} is {state.name.title()}; start it to reach its disks",
                                 INVALID_STATE)
-            path = self.path_of(self.config.disks[index].active)
             try:
-                device = disks.open(path)
+                device = disks.open(self.path_of(config.disks[index].active))
             except DiskBusyError:
-                raise HostError(f"VM {self.name}: disk {index} is in use by another process", SYSTEM_IN_USE) from None
+                raise HostError(f"VM {config.name}: disk {index} is in use by another process",
+                                SYSTEM_IN_USE) from None
             self._devices[index] = device
         return device
 
