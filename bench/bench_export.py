@@ -1,11 +1,13 @@
 """Host export speed: full and differential backup exports, and ``cp`` of the same VHDX, in one run.
 
-    python bench/bench_export.py [--dir DIR] [--size 4G] [--changed 0.01] [--rounds 5] [--json]
+    python bench/bench_export.py [--dir DIR] [--size 4G] [--changed 0.01] [--rounds 5] [--settle 2] [--json]
 
 A VM with one SIZE disk is filled with random data (every byte must be copied), given a recovery
 checkpoint, exported in full and converted to a reference point; then the guest rewrites CHANGED of
 the disk in 64 KiB writes at random places and a second recovery checkpoint is taken. Each round
-then times, in alternating order and after an ``os.sync()`` so no run inherits another's dirty pages:
+then times, in alternating order, each case after an ``os.sync()`` and SETTLE seconds of quiet, so no
+case pays for the write-back of the one before it (``os.sync()`` returns when this machine has handed
+its dirty pages to the disk; a virtual disk's host may still be writing them):
 
   full export          ExportSystemDefinition of the second checkpoint, no base (a full VHDX copy)
   differential export  the same against the reference point (a differencing VHDX of the changes)
@@ -70,8 +72,9 @@ def settings(checkpoint_id: str, base: str | None = None) -> ExportSettings:
     return ExportSettings(snapshot_virtual_system=checkpoint_id, differential_backup_base=base)
 
 
-def timed(action) -> float:
+def timed(action, settle: float) -> float:
     os.sync()
+    time.sleep(settle)
     start = time.perf_counter()
     action()
     return time.perf_counter() - start
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--size", default="4G")
     parser.add_argument("--changed", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each case")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     size = parse_size(args.size)
@@ -110,14 +114,14 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             if os.path.exists(copy):
                 os.unlink(copy)
-            times[name].append(timed(run))
+            times[name].append(timed(run, args.settle))
         print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     if os.path.exists(copy):
         os.unlink(copy)
     medians = {name: statistics.median(runs) for name, runs in times.items()}
     report = {
-        "size": size, "changed_bytes": changed, "rounds": args.rounds, "times": times, "medians": medians,
+        "size": size, "changed_bytes": changed, "rounds": args.rounds, "settle": args.settle, "times": times, "medians": medians,
         "allocated_bytes": sizes,
         "differential_share_of_full": medians["differential export"] / medians["full export"],
         "full_speed_of_cp": medians["cp + sync"] / medians["full export"],

@@ -138,9 +138,10 @@ def test_writer_refuses_bad_use(tmp_path):
         with pytest.raises(RepositoryError, match="never put"):
             w.commit({})
     assert repo.point_ids() == []
-    outside = repo.writer()
+    outside = repo.session().writer()  # a session that never took the lock
+    outside.add_disk(0, geometry(SMALL))
     with pytest.raises(RepositoryError, match="not open"):
-        outside.add_disk(0, geometry(SMALL)) or outside.put(0, 0, pattern(7, SMALL))
+        outside.put(0, 0, pattern(7, SMALL))
     with repo.writer() as w:
         w.commit({})
         with pytest.raises(RepositoryError, match="not open"):

@@ -21,7 +21,7 @@ POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")  # UTC time
 # What the caller describes; the writer adds point_id, repository_id, chunk_size, disks and sizes.
 CALLER_FIELDS = {
     "vm_name": None, "vm_id": None, "vm_config": {}, "reference_point": None, "rct_ids": [],
-    "consistency": None, "method": None, "started": None, "ended": None,
+    "consistency": None, "method": None, "kind": None, "notes": [], "started": None, "ended": None,
 }
 GEOMETRY = ("virtual_size", "block_size", "logical_sector_size", "physical_sector_size")
 

@@ -1,6 +1,7 @@
 """A local, deduplicating, crash-safe store of restore points (format: docs/repository.md).
 
-``Repository.init`` / ``Repository.open``; ``repo.writer()`` stores one restore point under the lock;
+``Repository.init`` / ``Repository.open``; ``repo.writer()`` stores one restore point under the lock
+(``repo.session()`` several at once);
 ``points``, ``point``, ``read_disk`` read; ``forget`` drops a manifest, ``prune`` the chunks no manifest
 references; ``verify`` lists problems.
 """
@@ -159,8 +160,13 @@ class Repository:
 
     # -- writing
 
-    def writer(self) -> "Writer":
-        return Writer(self)
+    def writer(self) -> "_SingleWriter":
+        """``with repo.writer() as w``: the lock, and a writer for one restore point."""
+        return _SingleWriter(self)
+
+    def session(self) -> "Session":
+        """``with repo.session() as s``: the lock, and ``s.writer()`` for each of several restore points."""
+        return Session(self)
 
     def forget(self, point_id: str) -> None:
         """Remove a restore point's manifest; its chunks stay until ``prune``."""
@@ -240,22 +246,21 @@ class Repository:
         return problems
 
 
-class Writer:
-    """Stores one restore point: ``add_disk``, then ``put``/``reuse`` every chunk, then ``commit``.
-    Holds the repository lock from ``__enter__`` to ``__exit__``; nothing is visible before commit."""
+class Session:
+    """Holds the repository lock and what its writers share: which chunks are already stored.
+    ``session.writer()`` gives one ``Writer`` per restore point; several may fill at once (one per VM
+    backed up concurrently), each committing on its own."""
 
     def __init__(self, repo: Repository):
         self.repo = repo
         self._lock = RepositoryLock(repo._sub("lock"))
         self._mutex = threading.Lock()
-        self._disks: dict[int, tuple[dict, list]] = {}
         self._written: set[bytes] = set()
         self._durable = np.empty(0, "S32")
         self._dirty_dirs: set[str] = set()
-        self._closed = True  # until __enter__ takes the lock
-        self.bytes_read = self.bytes_stored = 0
+        self.open = False
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> "Session":
         self._lock.__enter__()
         try:
             envelope.clear_dir(self.repo._sub("tmp"))
@@ -264,19 +269,75 @@ class Writer:
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
-        self._closed = False
+        self.open = True
         return self
 
     def __exit__(self, *exc) -> None:
-        self._closed = True  # no puts after the lock is gone
+        self.open = False  # no puts after the lock is gone
         self._lock.__exit__(*exc)
 
-    def _is_durable(self, name: bytes) -> bool:
+    def writer(self) -> "Writer":
+        return Writer(self)
+
+    def is_stored(self, name: bytes) -> bool:
         if name in self._written:
             return True
         at = np.searchsorted(self._durable, np.array([name], "S32"))[0]
         # 'S32' items drop trailing NUL bytes when read back; pad them again before comparing.
         return at < len(self._durable) and self._durable[at].ljust(32, b"\0") == name
+
+    def store(self, name: bytes, data) -> int:
+        """Write one chunk unless it is stored already; returns the bytes it took."""
+        if self.is_stored(name):
+            return 0
+        stored = self.repo.codec.encode(name, data)
+        path = chunk_path(self.repo.path, name.hex())
+        try:
+            envelope.write_durable(self.repo._sub("tmp"), path, stored)
+        except OSError as exc:
+            raise RepositoryError(f"cannot store chunk {name.hex()}: {exc.strerror}") from None
+        with self._mutex:
+            self._written.add(name)
+            self._dirty_dirs.add(os.path.dirname(path))
+        return len(stored)
+
+    def sync_chunks(self) -> None:
+        """Chunk files were fsynced before their rename; this makes their directory entries durable."""
+        with self._mutex:
+            dirty, self._dirty_dirs = sorted(self._dirty_dirs), set()
+        for directory in dirty:
+            sync_directory(directory)
+
+
+class _SingleWriter:
+    """``repo.writer()``: a session holding one writer, for the common case of one restore point."""
+
+    def __init__(self, repo: Repository):
+        self._session = Session(repo)
+
+    def __enter__(self) -> "Writer":
+        self._session.__enter__()
+        return self._session.writer()
+
+    def __exit__(self, *exc) -> None:
+        self._session.__exit__(*exc)
+
+
+class Writer:
+    """Stores one restore point: ``add_disk``, then ``put``/``reuse`` every chunk, then ``commit``.
+    Usable while its session holds the lock; nothing is visible before commit."""
+
+    def __init__(self, session: Session):
+        self.repo = session.repo
+        self._session = session
+        self._mutex = threading.Lock()
+        self._disks: dict[int, tuple[dict, list]] = {}
+        self._committed = False
+        self.bytes_read = self.bytes_stored = 0
+
+    def _check_open(self) -> None:
+        if self._committed or not self._session.open:
+            raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
 
     def add_disk(self, index: int, geometry: dict) -> None:
         if index != len(self._disks):
@@ -286,8 +347,7 @@ class Writer:
         self._disks[index] = (geometry, [_UNSET] * count)
 
     def _slot(self, disk_index: int, offset: int) -> tuple[int, int]:
-        if self._closed:
-            raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
+        self._check_open()
         if disk_index not in self._disks:
             raise RepositoryError(f"no disk {disk_index} (add_disk first)")
         geometry, slots = self._disks[disk_index]
@@ -301,31 +361,22 @@ class Writer:
         slot, length = self._slot(disk_index, offset)
         if len(data) != length:
             raise RepositoryError(f"disk {disk_index} offset {offset}: {len(data)} bytes given, {length} expected")
-        ref = None
+        ref, stored = None, 0
         if np.frombuffer(data, np.uint8).any():
             name = self.repo.codec.name(data)
             ref = name.hex()
-            if not self._is_durable(name):
-                stored = self.repo.codec.encode(name, data)
-                path = chunk_path(self.repo.path, ref)
-                try:
-                    envelope.write_durable(self.repo._sub("tmp"), path, stored)
-                except OSError as exc:
-                    raise RepositoryError(f"cannot store chunk {ref}: {exc.strerror}") from None
-                with self._mutex:
-                    self._written.add(name)
-                    self._dirty_dirs.add(os.path.dirname(path))
-                    self.bytes_stored += len(stored)
+            stored = self._session.store(name, data)
         with self._mutex:
             self._disks[disk_index][1][slot] = ref
             self.bytes_read += len(data)
+            self.bytes_stored += stored
         return ref
 
     def reuse(self, disk_index: int, offset: int, chunk_ref: str | None) -> None:
         """Take an unchanged chunk from an earlier point (``chunk_ref`` from its manifest; None is zeros)."""
         slot, _ = self._slot(disk_index, offset)
         if chunk_ref is not None and not (isinstance(chunk_ref, str) and NAME.match(chunk_ref)
-                                          and self._is_durable(bytes.fromhex(chunk_ref))):
+                                          and self._session.is_stored(bytes.fromhex(chunk_ref))):
             raise RepositoryError(f"chunk {chunk_ref!r} is not in any committed point of this repository")
         with self._mutex:
             self._disks[disk_index][1][slot] = chunk_ref
@@ -337,8 +388,7 @@ class Writer:
             if _UNSET in slots:
                 missing = slots.index(_UNSET) * self.repo.chunk_size
                 raise RepositoryError(f"disk {index}: the chunk at offset {missing} was never put")
-        if self._closed:
-            raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
+        self._check_open()
         now = time.time()
         # Sortable by time, so listing points in name order lists them oldest first.
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
@@ -348,14 +398,12 @@ class Writer:
                "bytes_stored": self.bytes_stored,
                "disks": [{"index": i, "geometry": g, "chunks": s} for i, (g, s) in sorted(self._disks.items())]}
         try:
-            # Chunk files were fsynced before their rename; their directory entries become durable here,
-            # before the manifest that references them exists.
-            for directory in sorted(self._dirty_dirs):
-                sync_directory(directory)
+            # The chunks' directory entries become durable before the manifest that references them exists.
+            self._session.sync_chunks()
             envelope.write_durable(self.repo._sub("tmp"), self.repo._sub("points", point_id),
                                    manifest.encode(doc, self.repo._keys))
             sync_directory(self.repo._sub("points"))
         except OSError as exc:
             raise RepositoryError(f"cannot commit the restore point: {exc.strerror}") from None
-        self._closed = True
+        self._committed = True
         return point_id

@@ -1,0 +1,119 @@
+"""Bringing a restore point back: one disk into a file, or the whole VM into a host.
+
+Every chunk is checked against its name before a byte of it is written, and the result is built
+under a hidden name (or in the host's staging directory) and moved into place only when complete:
+a restore that fails, or is killed, leaves nothing that looks restored.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from hvbackup import disks, tracking
+from hvbackup.backup.repository import Repository
+from hvbackup.disks.fileio import sync_directory
+from hvbackup.errors import HvBackupError, RepositoryError
+from hvbackup.host import Host
+from hvbackup.host.model import DiskAttachment, VmConfig, disk_instance_id, new_id
+from hvbackup.host.vm import DISK_DIRECTORY, Vm
+
+FORMATS = ("vhdx", "raw")
+READ_AHEAD = 6
+Progress = Callable[[int, int], None]
+
+
+def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, format: str | None = None,
+                 progress: Progress | None = None) -> dict:
+    """Write disk ``index`` of the point to ``target`` (a new file), as VHDX (dynamic) or raw."""
+    format = format or ("raw" if target.endswith((".raw", ".img")) else "vhdx")
+    if format not in FORMATS:
+        raise RepositoryError(f"cannot restore to format {format!r} (one of {', '.join(FORMATS)})")
+    if os.path.lexists(target):
+        raise RepositoryError(f"{target} already exists: restore to a new file")
+    point = repo.point(point_id)
+    if not 0 <= index < len(point["disks"]):
+        raise RepositoryError(f"point {point_id} has no disk {index} (it has {len(point['disks'])})")
+    directory, name = os.path.split(os.path.abspath(target))
+    temp = os.path.join(directory, f".{name}.restoring")
+    if os.path.lexists(temp):
+        os.unlink(temp)  # an interrupted restore's
+    try:
+        written = _write_disk(repo, point, index, temp, format, progress)
+        os.rename(temp, target)
+        sync_directory(directory)
+    except BaseException:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+    return {"point_id": point_id, "disk": index, "path": os.path.abspath(target), "format": format,
+            "virtual_size": point["disks"][index]["geometry"]["virtual_size"], "bytes_written": written}
+
+
+def _write_disk(repo: Repository, point: dict, index: int, path: str, format: str,
+                progress: Progress | None) -> int:
+    disk = point["disks"][index]
+    geometry, size = disk["geometry"], disk["geometry"]["virtual_size"]
+    chunk = repo.chunk_size
+    stored = [(slot * chunk, name) for slot, name in enumerate(disk["chunks"]) if name is not None]
+    total = sum(min(chunk, size - offset) for offset, _ in stored)
+    options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
+               "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
+    done = 0
+    # A new disk reads as zeros, so only stored chunks are written.
+    with disks.create(path, size, format=format, **options) as target, \
+            ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
+        pending = []
+
+        def drain_one() -> None:
+            nonlocal done
+            offset, future = pending.pop(0)
+            data = future.result()
+            if len(data) != min(chunk, size - offset):
+                raise RepositoryError(f"point {point['point_id']} disk {index}: the chunk at {offset} holds "
+                                      f"{len(data)} bytes where {min(chunk, size - offset)} belong")
+            target.write(offset, data)
+            done += len(data)
+            if progress:
+                progress(done, total)
+
+        for offset, name in stored:
+            pending.append((offset, pool.submit(repo.read_chunk, name)))
+            if len(pending) >= READ_AHEAD:
+                drain_one()
+        while pending:
+            drain_one()
+    return total
+
+
+def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None = None,
+               progress: Progress | None = None) -> Vm:
+    """Register the point's VM with ``host``, Off, its disks restored as tracked VHDX files. It keeps
+    its ID unless the host already has a VM with that ID; ``name`` renames it."""
+    point = repo.point(point_id)
+    saved = VmConfig.from_dict(point["vm_config"])
+    name = name or saved.name
+    taken = {vm.vm_id.lower() for vm in host.vms()}
+    vm_id = new_id() if saved.vm_id.lower() in taken else saved.vm_id
+    if any(vm.name == name for vm in host.vms()):
+        raise HvBackupError(f"the host already has a VM named {name!r}: restore with --as NEW_NAME")
+    total = sum(1 for d in point["disks"] for c in d["chunks"] if c is not None) * repo.chunk_size
+    done_before = [0]
+
+    def disk_progress(done: int, _total: int) -> None:
+        if progress:
+            progress(done_before[0] + done, total)
+
+    def build(staging: str) -> VmConfig:
+        attachments = []
+        for index, attachment in enumerate(saved.disks):
+            relative = os.path.join(DISK_DIRECTORY, f"{name}_disk{index}.vhdx")
+            written = _write_disk(repo, point, index, os.path.join(staging, relative), "vhdx", disk_progress)
+            done_before[0] += written
+            tracking.enable(os.path.join(staging, relative))
+            instance_id = attachment.instance_id if vm_id == saved.vm_id else disk_instance_id(vm_id, index)
+            attachments.append(DiskAttachment(instance_id, [relative], attachment.controller, attachment.location))
+        return VmConfig(vm_id, name, saved.processors, saved.memory_mb, saved.notes, attachments)
+
+    return host.add_vm(vm_id, build)
