@@ -196,6 +196,30 @@ def test_qemu_io_write_is_detected_as_an_offline_change(tracked):
     assert code_of(lambda: tracking.query(tracked, start)) == ERROR_CTLOG_VHD_CHANGED_OFFLINE
 
 
+def test_a_restart_ends_the_lineages_the_history_continued_from(tmp_path):
+    """A child continues its parent's lineage (its IDs hold on the child); when the child is then
+    changed offline and restarts, the parent's IDs must fail too — the new map has none of their
+    changes — and the restarted history must save and load (it once kept the fork point, larger
+    than the new history's first point, and its .rct was refused as damaged)."""
+    parent, child = str(tmp_path / "parent.vhdx"), str(tmp_path / "child.avhdx")
+    disks.create(parent, 64 * MiB, block_size=MiB).close()
+    tracking.enable(parent)
+    for offset in (0, MiB):
+        with disks.open(parent) as disk:
+            disk.write(offset, b"sealed on close")
+    inherited = first_id(parent)
+    disks.create(child, type="differencing", parent=parent).close()
+    assert tracking.query(child, inherited)[0] == []
+    with disks.open(child, tracked=False) as disk:
+        disk.write(4 * MiB, b"behind tracking's back")
+    assert tracking.status(child).state == "changed_offline"
+    with disks.open(child) as disk:
+        disk.write(8 * MiB, b"restarted")
+    restarted = tracking.status(child)
+    assert restarted.state == "active" and restarted.problem is None
+    assert code_of(lambda: tracking.query(child, inherited)) == ERROR_CTLOG_VHD_CHANGED_OFFLINE
+
+
 def test_qemu_reads_and_opens_without_writing_change_nothing(tracked):
     with disks.open(tracked) as disk:
         disk.write(0, b"\x11" * 4096)

@@ -36,7 +36,9 @@ def restart(disk: VhdxDisk, tracking: Tracking) -> Tracking:
     """Replace a lost or offline-changed history with a new one; its IDs keep failing with the
     reason it ended."""
     reason = Retirement.CHANGED_OFFLINE if tracking.condition == Condition.CHANGED_OFFLINE else Retirement.LOST
-    retired = list(tracking.rct.retired) if tracking.rct else []
+    # The lineages this history continued from end here too: the new map holds none of their changes.
+    retired = [EarlierLineage(e.lineage, reason) if e.reason == Retirement.CONTINUED else e
+               for e in tracking.rct.retired] if tracking.rct else []
     if tracking.lineage is not None and tracking.lineage.int:
         retired.append(EarlierLineage(tracking.lineage, reason))
     granularity = tracking.rct.changes.granularity if tracking.rct else None
