@@ -5,8 +5,9 @@ For each VM:
 1. The base: the VM's newest restore point in the repository whose RCT IDs one of the VM's reference
    points still carries. Without one (first backup, ``full``, a reference point removed by hand)
    every disk is read in full.
-2. CreateSnapshot with SnapshotType 32768: a recovery checkpoint, owned by this process, so one an
-   interrupted run leaves behind is an orphan ``checkpoint clean`` removes.
+2. CreateSnapshot with SnapshotType 32768: a recovery checkpoint, owned by this process. One an
+   interrupted run left behind (its process gone) is removed first; ``checkpoint clean`` removes
+   them too.
 3. Per disk, the chunks to read: every chunk holding data (full), or those the change list touches
    (incremental); every other chunk is taken from the base point by reference. A disk whose changes
    cannot be had — tracking off, lost or changed offline, a disk new since the base — is read in
@@ -30,7 +31,7 @@ from typing import Callable
 from hvbackup.backup.repository import Repository, Session, Writer
 from hvbackup.backup.sources import DiskReader, ExportSource, NeedsFull, VirtDiskSource
 from hvbackup.errors import HvBackupError
-from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, refpoints
+from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
 from hvbackup.host.model import ReferencePoint
 from hvbackup.host.vm import Vm
 
@@ -85,6 +86,7 @@ def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool 
     started = time.time()
     base = None if full else find_base(repo, vm)
     notes = [] if base or full else ["no earlier restore point of this VM matches one of its reference points"]
+    notes += _remove_stray_checkpoints(vm)
     checkpoint = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid(),
                                     name=f"hvbackup {time.strftime('%Y-%m-%d %H:%M:%S')}")
     source = None
@@ -142,6 +144,17 @@ def backup_vms(session: Session, vms: list[Vm], *, method: str = "virtdisk", ful
         except BackupError as exc:
             outcomes.append(exc)
     return outcomes
+
+
+def _remove_stray_checkpoints(vm: Vm) -> list[str]:
+    """Recovery checkpoints an interrupted backup left on this VM (its process is gone) are removed
+    before a new one is taken, so they never pile up."""
+    removed = []
+    for owner, checkpoint, why in recovery.find_orphans(vm.host).checkpoints:
+        if owner.vm_id == vm.vm_id:
+            checkpoints.destroy(vm, checkpoint.instance_id)
+            removed.append(f"removed the stray recovery checkpoint {checkpoint.instance_id}: {why}")
+    return removed
 
 
 def _store_disks(writer: Writer, source, checkpoint, base: _Base | None, notes: list[str], vm_name: str,

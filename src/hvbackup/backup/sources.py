@@ -127,7 +127,13 @@ def _base_rct_id(base: ReferencePoint | None, disk_id: str) -> str | None:
 
 
 class _ExportedReader(DiskReader):
+    def __init__(self, device: BlockDevice, full_reason: str | None):
+        super().__init__(device)
+        self.full_reason = full_reason
+
     def changed_chunks(self, chunk_size: int) -> list[int]:
+        if self.full_reason:
+            raise NeedsFull(self.full_reason)
         # The differential's own blocks (depth 0) are what changed; the rest comes from its parent.
         return chunks_of((e for e in self.device.extents() if e.depth == 0), chunk_size)
 
@@ -142,26 +148,34 @@ class ExportSource:
         self.vm, self.checkpoint = vm, checkpoint
         self.staging = staging
         self.directory = os.path.join(staging, checkpoint.instance_id)
-        self.base = base if base is not None and _staged(base, staging) else None
-        self.missing_base = base is not None and self.base is None
+        # Why the disks are exported in full although there is a base, if they are.
+        self.full_reason = None
+        if base is not None and not _staged(base, staging):
+            self.full_reason = ("the staged export of the base reference point is gone, so the host cannot "
+                                "write a differential on top of it")
         os.makedirs(staging, exist_ok=True)
-        shutil.rmtree(self.directory, ignore_errors=True)  # a crashed run of the same checkpoint
-        settings = ExportSettings(snapshot_virtual_system=checkpoint.instance_id,
-                                  differential_backup_base=self.base.instance_id if self.base else None,
-                                  create_vm_export_subdirectory=False)
         try:
-            self.files = export_system_definition(vm, self.directory, settings)["virtual_hard_disks"]
+            self.files = self._export(base if base is not None and self.full_reason is None else None)
         except BaseException:
             self.abandon()
             raise
 
+    def _export(self, base: ReferencePoint | None) -> list[str]:
+        shutil.rmtree(self.directory, ignore_errors=True)  # a crashed run's, or a differential given up
+        settings = ExportSettings(snapshot_virtual_system=self.checkpoint.instance_id,
+                                  differential_backup_base=base.instance_id if base else None,
+                                  create_vm_export_subdirectory=False)
+        try:
+            return export_system_definition(self.vm, self.directory, settings)["virtual_hard_disks"]
+        except HostError as exc:
+            if base is None or exc.return_value != INVALID_STATE:
+                raise
+            # Change tracking cannot say what changed (off, lost, changed offline): export in full.
+            self.full_reason = str(exc)
+            return self._export(None)
+
     def open_disk(self, index: int) -> DiskReader:
-        if self.missing_base:
-            # Checked per disk so the backup says why every disk is read in full.
-            reader = _ExportedReader(disks.open(self.files[index], read_only=True))
-            reader.changed_chunks = _needs_staged_base  # type: ignore[method-assign]
-            return reader
-        return _ExportedReader(disks.open(self.files[index], read_only=True))
+        return _ExportedReader(disks.open(self.files[index], read_only=True), self.full_reason)
 
     def finish(self) -> None:
         """Fold each differential into the full copy below it, under the differential's name (the
@@ -174,11 +188,6 @@ class ExportSource:
 
     def abandon(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _needs_staged_base(chunk_size: int) -> list[int]:
-    raise NeedsFull("the staged export of the base reference point is gone, so the host cannot write a "
-                    "differential on top of it")
 
 
 def _staged(base: ReferencePoint, staging: str) -> bool:

@@ -1,0 +1,214 @@
+"""The backup engine end to end: real hosts, tracked VHDX disks, a real repository, restores compared
+byte for byte with what the guest held when each backup was taken."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+
+import pytest
+
+from hvbackup import disks
+from hvbackup.backup.engine import BackupError, backup_vm, backup_vms
+from hvbackup.backup.repository import Repository
+from hvbackup.backup.restore import restore_disk, restore_vm
+from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, checkpoints
+from hvbackup.host.model import VmState
+
+MiB = 1 << 20
+CHUNK = MiB
+
+
+@pytest.fixture
+def setup(tmp_path):
+    host = Host.init(str(tmp_path / "host"))
+    repo = Repository.init(str(tmp_path / "repo"), chunk_size=CHUNK)
+    return host, repo, tmp_path
+
+
+def new_vm(host, name="web", sizes=(24 * MiB, 9 * MiB + 512 * 1024)):
+    """A running VM whose disks hold the same data whatever its name (a tail chunk on disk 1)."""
+    vm = host.create_vm(name, list(sizes), block_size=MiB)
+    vm.request_state_change("start")
+    fill = random.Random(5)
+    for index in range(len(sizes)):
+        vm.disk(index).write(index * 3 * MiB + 4096, fill.randbytes(2 * MiB + 777 * 512))
+    return vm
+
+
+def image(vm, index: int) -> bytes:
+    disk = vm.disk(index)
+    return disk.read(0, disk.size)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def backup(repo, vm, **options):
+    with repo.session() as session:
+        return backup_vm(session, vm, **options)
+
+
+def restored(repo, point_id: str, index: int, where) -> bytes:
+    target = os.path.join(where, f"{point_id}-{index}.raw")
+    restore_disk(repo, point_id, index, target, format="raw")
+    with open(target, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("method", ["virtdisk", "export"])
+def test_full_then_incrementals_restore_exactly(setup, method):
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    taken = []
+    for round_no in range(3):
+        result = backup(repo, vm, method=method)
+        taken.append((result, [digest(image(vm, i)) for i in range(2)]))
+        vm.disk(0).write(round_no * 5 * MiB + 12345 * 512, os.urandom(300_000))
+        vm.disk(1).trim(3 * MiB, 64 << 10)
+    kinds = [r.kind for r, _ in taken]
+    assert kinds == ["full", "incremental", "incremental"]
+    full, incremental = taken[0][0], taken[1][0]
+    assert incremental.bytes_read <= 2 * CHUNK + 2 * CHUNK  # the chunks the two writes touched
+    assert full.bytes_read >= 4 * MiB
+    for result, digests in taken:
+        assert result.method == method
+        for index in range(2):
+            assert digest(restored(repo, result.point_id, index, tmp)) == digests[index]
+    assert repo.verify(read_data=True) == []
+    # Only the newest reference point is kept; no recovery checkpoint is left.
+    assert [r.instance_id for r in vm.reference_points()] == [taken[-1][0].reference_point]
+    assert vm.checkpoints() == []
+
+
+def test_both_methods_store_the_same_point(setup):
+    host, repo, tmp = setup
+    vms = [new_vm(host, name) for name in ("a", "b")]
+    content = os.urandom(3 * MiB)
+    for vm in vms:
+        vm.disk(0).write(0, content)
+        vm.disk(1).write(MiB, content[:MiB])
+    first = [backup(repo, vm, method=m) for vm, m in zip(vms, ["virtdisk", "export"])]
+    for vm in vms:
+        vm.disk(0).write(7 * MiB + 4096, content[:200_000])
+        vm.disk(1).trim(MiB, 4096)
+    second = [backup(repo, vm, method=m) for vm, m in zip(vms, ["virtdisk", "export"])]
+    assert [r.kind for r in second] == ["incremental", "incremental"]
+    for pair in (first, second):
+        lists = [[d["chunks"] for d in repo.point(r.point_id)["disks"]] for r in pair]
+        assert lists[0] == lists[1]
+
+
+def test_second_full_of_an_unchanged_vm_stores_almost_nothing(setup):
+    host, repo, _ = setup
+    vm = new_vm(host)
+    backup(repo, vm)
+    again = backup(repo, vm, full=True)
+    assert again.kind == "full" and again.bytes_read > 0
+    assert again.bytes_stored < MiB
+
+
+def test_a_failed_backup_removes_its_checkpoint_and_keeps_the_base(setup):
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    good = backup(repo, vm)
+    vm.disk(0).write(0, os.urandom(MiB))
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    for method in ("virtdisk", "export"):
+        with pytest.raises(OSError):
+            backup(repo, vm, method=method, progress=fail)
+        assert vm.checkpoints() == []
+        assert [r.instance_id for r in vm.reference_points()] == [good.reference_point]
+        assert [p["point_id"] for p in repo.points()] == [good.point_id]
+    after = backup(repo, vm)
+    assert after.kind == "incremental" and after.base_point == good.point_id
+    assert restored(repo, after.point_id, 0, tmp) == image(vm, 0)
+
+
+@pytest.mark.parametrize("method", ["virtdisk", "export"])
+def test_changes_made_offline_force_a_full_read_and_say_why(setup, method):
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    backup(repo, vm, method=method)
+    vm.request_state_change("stop")
+    vm.close_disks()
+    # Written behind the host's back: change tracking cannot know what changed.
+    active = vm.path_of(vm.config.disks[0].active)
+    with disks.open(active, tracked=False) as raw_disk:
+        raw_disk.write(5 * MiB, os.urandom(MiB))
+    result = backup(repo, vm, method=method)  # an Off VM backs up too
+    vm.request_state_change("start")
+    assert any("disk 0: read in full" in note for note in result.notes), result.notes
+    assert restored(repo, result.point_id, 0, tmp) == image(vm, 0)
+    assert restored(repo, result.point_id, 1, tmp) == image(vm, 1)
+    following = backup(repo, vm, method=method)
+    assert following.kind == "incremental", following.notes
+
+
+def test_export_without_its_staged_base_reads_in_full(setup, tmp_path):
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    backup(repo, vm, method="virtdisk")  # no staged export for the export method to build on
+    result = backup(repo, vm, method="export")
+    assert result.kind == "full"
+    assert all("staged export" in n for n in result.notes) and len(result.notes) == 2
+    assert backup(repo, vm, method="export").kind == "incremental"
+
+
+def test_stray_recovery_checkpoints_are_removed_first(setup):
+    host, repo, _ = setup
+    vm = new_vm(host)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stray = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=gone.pid)
+    result = backup(repo, vm)
+    assert any(stray.instance_id in note for note in result.notes)
+    assert vm.checkpoints() == []
+
+
+def test_several_vms_at_once(setup):
+    host, repo, tmp = setup
+    vms = [new_vm(host, f"vm{i}") for i in range(3)]
+    expected = {vm.name: [image(vm, i) for i in range(2)] for vm in vms}
+    seen = set()
+    with repo.session() as session:
+        outcomes = backup_vms(session, vms, progress=lambda name, done, total: seen.add(name))
+    assert seen == set(expected)
+    for outcome in outcomes:
+        assert not isinstance(outcome, BackupError), outcome
+        for index in range(2):
+            assert restored(repo, outcome.point_id, index, tmp) == expected[outcome.vm][index]
+
+
+def test_restore_a_vm_into_the_host(setup):
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    result = backup(repo, vm)
+    copy = restore_vm(repo, result.point_id, host, name="web-restored")
+    assert copy.vm_id != vm.vm_id and copy.name == "web-restored" and copy.state == VmState.OFF
+    copy.request_state_change("start")
+    assert [image(copy, i) for i in range(2)] == [image(vm, i) for i in range(2)]
+    with pytest.raises(Exception, match="already has a VM named"):
+        restore_vm(repo, result.point_id, host, name="web-restored")
+    # The restored VM is a VM like any other: it backs up.
+    assert backup(repo, copy).kind == "full"
+
+
+def test_restore_refuses_to_overwrite(setup):
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    result = backup(repo, vm)
+    target = tmp / "disk.vhdx"
+    restore_disk(repo, result.point_id, 0, str(target))
+    with disks.open(str(target), read_only=True) as disk:
+        assert disk.read(0, disk.size) == image(vm, 0)
+    with pytest.raises(Exception, match="already exists"):
+        restore_disk(repo, result.point_id, 0, str(target))
+    with pytest.raises(Exception, match="no disk 5"):
+        restore_disk(repo, result.point_id, 5, str(tmp / "other.vhdx"))
