@@ -36,6 +36,7 @@ from hvbackup.host.model import ReferencePoint
 from hvbackup.host.vm import Vm
 
 METHODS = ("virtdisk", "export")
+STAGING_DIRECTORY = "export-staging"
 READ_AHEAD = 6  # chunks in flight per disk: enough to keep hashing and compression on both cores busy
 Progress = Callable[[str, int, int], None]  # (VM name, bytes done, bytes to do)
 
@@ -67,6 +68,12 @@ class _Base:
     reference_point: ReferencePoint
 
 
+def default_staging(vm: Vm) -> str:
+    """Beside the VM's own files on the host, which already hold the same data unencrypted; never
+    inside an (encrypted) repository."""
+    return os.path.join(vm.host.directory, STAGING_DIRECTORY, vm.vm_id)
+
+
 def find_base(repo: Repository, vm: Vm) -> _Base | None:
     """The VM's newest restore point whose RCT IDs a reference point of the VM still has."""
     by_rct = {tuple(r.resilient_change_tracking_identifiers): r for r in vm.reference_points()}
@@ -79,7 +86,7 @@ def find_base(repo: Repository, vm: Vm) -> _Base | None:
 def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool = False,
               staging: str | None = None, progress: Progress | None = None) -> Result:
     """Back up one VM into the session's repository and return what was stored. ``staging`` is
-    where the export method keeps the VM's exported disks (default ``<repository>/staging/<VM ID>``)."""
+    where the export method keeps the VM's exported disks (``default_staging``)."""
     if method not in METHODS:
         raise BackupError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     repo = session.repo
@@ -93,7 +100,7 @@ def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool 
     try:
         base_ref = base.reference_point if base else None
         if method == "export":
-            source = ExportSource(vm, checkpoint, base_ref, staging or os.path.join(repo.path, "staging", vm.vm_id))
+            source = ExportSource(vm, checkpoint, base_ref, staging or default_staging(vm))
         else:
             source = VirtDiskSource(vm, checkpoint, base_ref)
         writer = session.writer()
