@@ -121,7 +121,8 @@ def main() -> None:
         os.unlink(copy)
     medians = {name: statistics.median(runs) for name, runs in times.items()}
     report = {
-        "size": size, "changed_bytes": changed, "rounds": args.rounds, "settle": args.settle, "times": times, "medians": medians,
+        "size": size, "changed_bytes": changed, "rounds": args.rounds, "settle": args.settle,
+        "times": times, "medians": medians,
         "allocated_bytes": sizes,
         "differential_share_of_full": medians["differential export"] / medians["full export"],
         "full_speed_of_cp": medians["cp + sync"] / medians["full export"],

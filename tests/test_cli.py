@@ -98,11 +98,49 @@ def test_check_reports_problems_with_exit_1(tmp_path):
     assert code == 0 and repaired["repaired"] == ["rewrote the damaged header"]
 
 
-def test_quickstart(tmp_path):
-    result, code = hv_json("quickstart", "--dir", str(tmp_path / "qs"))
-    assert code == 0 and result["ok"]
-    assert [s["step"] for s in result["steps"]][-1] == "merge the child into its parent"
-    assert set(result["files"]) == {"base.vhdx", "flat.vhd", "flat.raw"}
+def test_quickstart_backs_up_restores_and_checks_then_reuses_its_directory(tmp_path):
+    work = tmp_path / "qs"
+    first, code = hv_json("quickstart", "--dir", str(work))
+    assert code == 0 and first["ok"] and first["created"]
+    kinds = [(b["kind"], b["method"]) for b in first["backups"]]
+    assert kinds == [("full", "export"), ("incremental", "virtdisk")]
+    full, incremental = first["backups"]
+    assert incremental["base_point"] == full["point_id"] and incremental["bytes_read"] < full["bytes_read"]
+    assert [r["kind"] for r in first["restores"]] == ["full", "incremental"]
+    assert all(r["files"] > 0 and (work / "restored" / f"{r['kind']}.raw").exists() for r in first["restores"])
+    assert first["guest_bytes_written"] > 0
+    again, code = hv_json("quickstart", "--dir", str(work))
+    assert code == 0 and not again["created"] and again["repository"]["points"] == 4
+    assert again["backups"][0]["bytes_stored"] == 0  # the guest's disk is what the last incremental stored
+
+
+def test_quickstart_fails_with_one_line_on_a_damaged_repository(tmp_path):
+    work = tmp_path / "qs"
+    text = hv("quickstart", "--dir", str(work))
+    assert text.returncode == 0 and "all good" in text.stdout and "incremental" in text.stdout
+    for chunk in (work / "repository" / "chunks").rglob("*"):
+        if chunk.is_file():
+            data = chunk.read_bytes()
+            chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    result = hv("quickstart", "--dir", str(work))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("hvbackup: error:") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_quickstart_check_refuses_files_the_guest_did_not_hold(tmp_path):
+    from hvbackup import guestfs
+    from hvbackup.cli.quickstart import QuickstartError, _check
+
+    (tmp_path / "src" / "etc").mkdir(parents=True)
+    (tmp_path / "src" / "etc" / "hostname").write_bytes(b"guest\n")
+    image = tmp_path / "fs.img"
+    guestfs.make_filesystem(str(tmp_path / "src"), str(image), 16 * MiB)
+    held = guestfs.checksums(str(image))
+    assert _check(image, held, "full") == 1
+    with pytest.raises(QuickstartError, match="/etc/hostname"):
+        _check(image, {"/etc/hostname": "0" * 64}, "full")
+    with pytest.raises(QuickstartError, match="/etc/motd"):
+        _check(image, held | {"/etc/motd": "0" * 64}, "full")
 
 
 def test_help_without_a_command():
