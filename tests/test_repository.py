@@ -470,3 +470,13 @@ def test_cli_repo_init(tmp_path, hv, hv_json, monkeypatch):
     text = hv("repo", "init", tmp_path / "third")
     assert text.returncode == 0 and "not encrypted" in text.stdout
     assert json.loads(Path(tmp_path / "third" / "config").read_bytes()[24:-32])["hash"] == "blake3"
+
+
+def test_a_relative_path_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    repo = Repository.init("relative", chunk_size=SMALL)
+    with repo.writer() as w:
+        w.add_disk(0, geometry(SMALL))
+        w.put(0, 0, pattern(3, SMALL))
+        point_id = w.commit({})
+    assert [data for _, data in Repository.open("relative").read_disk(point_id, 0)] == [pattern(3, SMALL)]

@@ -60,6 +60,10 @@ class RepositoryError(HvBackupError):
     """A backup repository cannot do what was asked: not a repository, wrong passphrase, bad arguments."""
 
 
+class PassphraseNeededError(RepositoryError):
+    """The repository is encrypted and no passphrase was given."""
+
+
 class RepositoryCorruptError(RepositoryError):
     """A repository file failed its checks (magic, version, bounds, checksum, AEAD tag or content hash)."""
 

@@ -13,7 +13,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from hvbackup.backup.chunks import NAME, ChunkCodec, chunk_dirs, chunk_path, max
 from hvbackup.backup.crypto import Keys
 from hvbackup.backup.lock import RepositoryLock
 from hvbackup.disks.fileio import sync_directory
-from hvbackup.errors import RepositoryCorruptError, RepositoryError
+from hvbackup.errors import PassphraseNeededError, RepositoryCorruptError, RepositoryError
 
 CONFIG_MAGIC = b"HVBKCONF"
 MAX_CONFIG = 64 << 10
@@ -61,8 +61,8 @@ class Repository:
         if passphrase is not None:
             keys, config["encryption"] = Keys.create(passphrase, _binding(repository_id, chunk_size))
         try:
-            for sub in ("tmp", "points", "chunks", *chunk_dirs(path)):
-                os.makedirs(os.path.join(path, sub), exist_ok=True)
+            for directory in (*(os.path.join(path, sub) for sub in ("tmp", "points", "chunks")), *chunk_dirs(path)):
+                os.makedirs(directory, exist_ok=True)
             for d in (*chunk_dirs(path), os.path.join(path, "chunks"), path):
                 sync_directory(d)
             # The config goes last: a directory without one is an unfinished init, not a repository.
@@ -97,7 +97,7 @@ class Repository:
         keys = None
         if config.get("encryption"):
             if passphrase is None:
-                raise RepositoryError("the repository is encrypted: give its passphrase")
+                raise PassphraseNeededError("the repository is encrypted: give its passphrase")
             keys = Keys.unlock(passphrase, config["encryption"], _binding(config["id"], size))
         return cls(path, config, keys)
 
@@ -199,14 +199,16 @@ class Repository:
                 found, pending, pending_count = np.unique(np.concatenate([found, *pending])), [], 0
         return np.unique(np.concatenate([found, *pending]))
 
-    def prune(self) -> dict:
+    def prune(self, progress: Callable[[int, int], None] | None = None) -> dict:
         """Delete every chunk no manifest references. Under the lock; refuses while any manifest is
-        damaged (its chunks might be needed). Memory: 8 bytes per distinct referenced chunk."""
+        damaged (its chunks might be needed). Memory: 8 bytes per distinct referenced chunk.
+        ``progress(done, total)`` counts the 256 chunk directories swept."""
         with RepositoryLock(self._sub("lock")):
             envelope.clear_dir(self._sub("tmp"))
             keep = self.referenced(strict=True, prefix=True)
             deleted = freed = kept = 0
-            for directory in chunk_dirs(self.path):
+            directories = chunk_dirs(self.path)
+            for done, directory in enumerate(directories, 1):
                 for entry in os.scandir(directory):
                     if not NAME.match(entry.name):
                         continue
@@ -219,11 +221,14 @@ class Repository:
                     freed += entry.stat().st_size
                     os.unlink(entry.path)
                     deleted += 1
+                if progress:
+                    progress(done, len(directories))
         return {"chunks_deleted": deleted, "bytes_freed": freed, "chunks_kept": kept}
 
-    def verify(self, read_data: bool = False) -> list[str]:
+    def verify(self, read_data: bool = False, progress: Callable[[int, int], None] | None = None) -> list[str]:
         """Problems found: damaged manifests, missing chunks and, with ``read_data``, referenced chunks
-        that fail to authenticate, decompress or hash to their name. An empty list means sound."""
+        that fail to authenticate, decompress or hash to their name. An empty list means sound.
+        ``progress(done, total)`` counts the chunks read."""
         problems = []
         for point_id in self.point_ids():
             try:
@@ -236,7 +241,10 @@ class Repository:
                     if not os.path.isfile(chunk_path(self.path, name)):
                         problems.append(f"point {point_id} disk {disk['index']}: chunk {name} is missing")
         if read_data:
-            for raw in self.referenced(strict=False):
+            names = self.referenced(strict=False)
+            for done, raw in enumerate(names, 1):
+                if progress:
+                    progress(done, len(names))
                 name = raw.ljust(32, b"\0").hex()
                 if os.path.isfile(chunk_path(self.path, name)):
                     try:

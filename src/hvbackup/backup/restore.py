@@ -14,7 +14,7 @@ from typing import Callable
 from hvbackup import disks, tracking
 from hvbackup.backup.repository import Repository
 from hvbackup.disks.fileio import sync_directory
-from hvbackup.errors import HvBackupError, RepositoryError
+from hvbackup.errors import RepositoryError
 from hvbackup.host import Host
 from hvbackup.host.model import DiskAttachment, VmConfig, disk_instance_id, new_id
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
@@ -51,13 +51,18 @@ def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, fo
             "virtual_size": point["disks"][index]["geometry"]["virtual_size"], "bytes_written": written}
 
 
+def _stored_bytes(disk: dict, chunk: int) -> int:
+    size = disk["geometry"]["virtual_size"]
+    return sum(min(chunk, size - slot * chunk) for slot, name in enumerate(disk["chunks"]) if name is not None)
+
+
 def _write_disk(repo: Repository, point: dict, index: int, path: str, format: str,
                 progress: Progress | None) -> int:
     disk = point["disks"][index]
     geometry, size = disk["geometry"], disk["geometry"]["virtual_size"]
     chunk = repo.chunk_size
     stored = [(slot * chunk, name) for slot, name in enumerate(disk["chunks"]) if name is not None]
-    total = sum(min(chunk, size - offset) for offset, _ in stored)
+    total = _stored_bytes(disk, chunk)
     options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
                "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
     done = 0
@@ -97,8 +102,8 @@ def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None 
     taken = {vm.vm_id.lower() for vm in host.vms()}
     vm_id = new_id() if saved.vm_id.lower() in taken else saved.vm_id
     if any(vm.name == name for vm in host.vms()):
-        raise HvBackupError(f"the host already has a VM named {name!r}: restore with --as NEW_NAME")
-    total = sum(1 for d in point["disks"] for c in d["chunks"] if c is not None) * repo.chunk_size
+        raise RepositoryError(f"the host already has a VM named {name!r}: restore with --as NEW_NAME")
+    total = sum(_stored_bytes(disk, repo.chunk_size) for disk in point["disks"])
     done_before = [0]
 
     def disk_progress(done: int, _total: int) -> None:

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from hvbackup.cli import checkpoint, disk, host, quickstart, refpoint, repo, vm
+from hvbackup.cli import backup, checkpoint, disk, host, quickstart, refpoint, repo, vm
 from hvbackup.cli.output import EXIT_FAILED, error_line, show_help_without_command, stderr
 from hvbackup.errors import HvBackupError
 
@@ -24,6 +24,8 @@ app.add_typer(checkpoint.app, name="checkpoint")
 app.add_typer(refpoint.app, name="refpoint")
 app.add_typer(repo.app, name="repo")
 app.command("quickstart")(quickstart.quickstart)
+for command in (backup.backup, backup.points, backup.restore, backup.verify, backup.forget):
+    app.command()(command)
 
 
 def main() -> None:

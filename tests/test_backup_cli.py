@@ -1,0 +1,296 @@
+"""``hvbackup backup|points|restore|verify|forget`` as scripts see them: real hosts, VMs and
+repositories, restores compared byte for byte with what the guest held at backup time, JSON shapes,
+exit codes and one-line errors. Commands run through the entry point in this process."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+
+import pytest
+from rich.console import Console
+
+from hvbackup import disks
+from hvbackup.backup import engine
+from hvbackup.backup.repository import Repository
+from hvbackup.cli import backup as backup_cli
+from hvbackup.cli import output
+from hvbackup.host import Host
+
+MiB = 1 << 20
+SIZES = (16 * MiB, 8 * MiB + 512 * 1024)  # a tail chunk on disk 1
+RESULT_KEYS = {"point_id", "vm", "kind", "method", "bytes_read", "bytes_stored", "seconds", "base_point",
+               "reference_point", "notes"}
+
+
+@pytest.fixture
+def where(monkeypatch, tmp_path):
+    """A host and a 1 MiB-chunk repository, named to every command by HVBACKUP_HOST and HVBACKUP_REPO."""
+    host = Host.init(str(tmp_path / "host"))
+    Repository.init(str(tmp_path / "repo"), chunk_size=MiB)
+    monkeypatch.setenv("HVBACKUP_HOST", str(tmp_path / "host"))
+    monkeypatch.setenv("HVBACKUP_REPO", str(tmp_path / "repo"))
+    monkeypatch.delenv("HVBACKUP_PASSPHRASE", raising=False)
+    return host, tmp_path
+
+
+def guest_write(vm, index: int, offset: int, data: bytes) -> None:
+    """Write as the guest, then let go of the disk files: the commands open the host on their own."""
+    vm.disk(index).write(offset, data)
+    vm.close_disks()
+
+
+def new_vm(host: Host, name: str = "web"):
+    """A running VM with some data on both disks."""
+    vm = host.create_vm(name, list(SIZES), block_size=MiB)
+    vm.request_state_change("start")
+    fill = random.Random(name)
+    for index in range(len(SIZES)):
+        guest_write(vm, index, index * 3 * MiB + 4096, fill.randbytes(2 * MiB + 777 * 512))
+    return vm
+
+
+def digests(vm) -> list[str]:
+    """What the guest sees on each disk now."""
+    found = [hashlib.sha256(vm.disk(i).read(0, vm.disk(i).size)).hexdigest() for i in range(len(SIZES))]
+    vm.close_disks()
+    return found
+
+
+def file_digest(path) -> str:
+    with disks.open(path, read_only=True) as disk:
+        return hashlib.sha256(disk.read(0, disk.size)).hexdigest()
+
+
+def error(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("hvbackup: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("method", ["virtdisk", "export"])
+def test_full_then_incremental_restore_bit_identical(hv, hv_json, where, method):
+    host, tmp = where
+    vm = new_vm(host)
+    [full] = hv_json("backup", "web", "--method", method)
+    assert set(full) == RESULT_KEYS
+    assert (full["vm"], full["kind"], full["method"], full["base_point"]) == ("web", "full", method, None)
+    assert full["bytes_read"] >= 4 * MiB and full["bytes_stored"] > 0
+    at_full = digests(vm)
+
+    guest_write(vm, 0, 9 * MiB + 123 * 512, os.urandom(100_000))
+    [incremental] = hv_json("backup", "web", "--method", method)
+    assert incremental["kind"] == "incremental" and incremental["base_point"] == full["point_id"]
+    assert incremental["bytes_read"] <= 2 * MiB  # only the chunks the write touched
+    at_incremental = digests(vm)
+
+    for point, expected in ((full, at_full), (incremental, at_incremental)):
+        for index in range(len(SIZES)):
+            raw, vhdx = tmp / f"{point['point_id']}-{index}.img", tmp / f"{point['point_id']}-{index}.vhdx"
+            restored = hv_json("restore", point["point_id"], "--disk", index, "--to", raw)
+            assert restored["format"] == "raw" and restored["virtual_size"] == SIZES[index]
+            as_vhdx = hv_json("restore", point["point_id"], "--disk", index, "--to", vhdx, "-O", "vhdx")
+            assert as_vhdx["format"] == "vhdx" and as_vhdx["path"] == str(vhdx)
+            assert file_digest(raw) == file_digest(vhdx) == expected[index]
+
+
+def test_backup_prints_a_line_per_vm_with_its_notes(hv, hv_json, where):
+    host, _ = where
+    web, _ = new_vm(host, "web"), new_vm(host, "db")
+    result = hv("backup", "web", "db")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("web: full (virtdisk) read ") and "stored" in lines[0] and "point" in lines[0]
+    assert lines[1].startswith("  no earlier restore point")  # why the first backup is full
+    assert any(line.startswith("db: full (virtdisk)") for line in lines)
+    again = hv("backup", "db", "--full", "--method", "export")
+    assert again.returncode == 0 and again.stdout == again.stdout.splitlines()[0] + "\n"  # nothing to note
+    assert again.stdout.startswith("db: full (export)"), again.stdout
+    assert [r["vm"] for r in hv_json("backup", "web", web.vm_id, "web")] == ["web"]
+    switched = hv("backup", "web", "--method", "export").stdout.splitlines()
+    assert switched[0].startswith("web: full (export)")
+    assert any(line.startswith("  disk 0: read in full: ") for line in switched[1:]), switched
+
+
+def test_progress_bars_draw_on_a_terminal(hv, where, monkeypatch):
+    host, tmp = where
+    new_vm(host, "web"), new_vm(host, "db")
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(backup_cli, "stderr", terminal)
+    monkeypatch.setattr(output, "stderr", terminal)
+    result = hv("backup", "web", "db")
+    assert result.returncode == 0 and result.stdout.count("full (virtdisk)") == 2, result.stderr
+    drawn = terminal.file.getvalue()
+    assert "web" in drawn and "db" in drawn and "MiB" in drawn
+    point = result.stdout.split("point ")[1].split()[0]
+    assert hv("restore", point, "--disk", "0", "--to", tmp / "d0.img").returncode == 0
+    assert "disk 0" in terminal.file.getvalue()[len(drawn):]
+
+
+def test_a_failed_vm_is_reported_and_the_others_are_stored(hv, where, monkeypatch):
+    host, _ = where
+    new_vm(host, "web"), new_vm(host, "db")
+    real = engine.backup_vm
+
+    def failing_db(session, vm, **options):
+        if vm.name == "db":
+            raise engine.BackupError("VM db: the disk went away")
+        return real(session, vm, **options)
+
+    monkeypatch.setattr(engine, "backup_vm", failing_db)
+    result = hv("backup", "web", "db", "--json")
+    assert result.returncode == 2
+    web, db = json.loads(result.stdout)
+    assert web["vm"] == "web" and web["kind"] == "full"
+    assert db == {"vm": "db", "error": "VM db: the disk went away"}
+    text = hv("backup", "db", "web")
+    assert text.returncode == 2 and text.stderr == "hvbackup: error: VM db: the disk went away\n"
+    assert text.stdout.startswith("web: incremental")
+
+
+def test_points_lists_and_filters(hv, hv_json, where, monkeypatch):
+    host, _ = where
+    monkeypatch.setattr(output.stdout, "width", 160)  # a terminal wide enough for the whole table
+    web, db = new_vm(host, "web"), new_vm(host, "db")
+    assert hv_json("points") == []
+    [first] = hv_json("backup", "web")
+    hv_json("backup", "db", "web", "--method", "export")
+    listed = hv_json("points")
+    assert sorted(p["vm_name"] for p in listed) == ["db", "web", "web"]  # the last two were taken at once
+    assert listed[0]["point_id"] == first["point_id"]
+    assert {"point_id", "vm_name", "vm_id", "kind", "method", "started", "ended", "bytes_read", "bytes_stored",
+            "notes", "disks"} <= set(listed[0])
+    assert [d["index"] for d in listed[0]["disks"]] == [0, 1] and "chunks" not in listed[0]["disks"][0]
+    assert [p["method"] for p in hv_json("points", "--vm", "web")] == ["virtdisk", "export"]
+    assert [p["vm_id"] for p in hv_json("points", "--vm", db.vm_id)] == [db.vm_id]
+    assert hv_json("points", "--vm", "nobody") == []
+    table = hv("points", "--vm", "web").stdout
+    assert first["point_id"] in table and "virtdisk" in table and "export" in table and "MiB" in table
+    assert web.vm_id not in table
+
+
+def test_restore_a_whole_vm(hv, hv_json, where, tmp_path):
+    host, _ = where
+    vm = new_vm(host)
+    [point] = hv_json("backup", "web")
+    expected = digests(vm)
+    guest_write(vm, 0, 0, b"\xff" * 4096)  # the live VM moves on
+
+    error(hv("restore", point["point_id"]), "already has a VM named 'web'", "--as")
+    copy = hv_json("restore", point["point_id"], "--as", "web-copy")
+    assert set(copy) == {"point_id", "id", "name", "state", "disks"}
+    assert copy["name"] == "web-copy" and copy["state"] == "Off" and copy["id"] != vm.vm_id
+    assert [file_digest(p) for p in copy["disks"]] == expected
+    restored = Host.open(str(tmp_path / "host")).vm("web-copy")
+    restored.request_state_change("start")
+    assert digests(restored) == expected
+
+    Host.init(str(tmp_path / "other"))
+    text = hv("restore", point["point_id"], "--host", tmp_path / "other")
+    assert text.returncode == 0 and "restored" in text.stdout and vm.vm_id in text.stdout  # keeps its ID there
+    restored = Host.open(str(tmp_path / "other")).vm("web")
+    restored.request_state_change("start")
+    assert digests(restored) == expected
+
+
+def test_restore_refuses_mixed_or_incomplete_forms(hv, hv_json, where, tmp_path):
+    host, _ = where
+    new_vm(host)
+    [point] = hv_json("backup", "web")
+    pid = point["point_id"]
+    error(hv("restore", pid, "--disk", "0"), "--to")
+    error(hv("restore", pid, "--to", tmp_path / "x.img"), "--disk")
+    error(hv("restore", pid, "--disk", "0", "--to", tmp_path / "x.img", "--as", "x"), "not both")
+    error(hv("restore", pid, "--disk", "0", "--to", tmp_path / "x.img", "--host", tmp_path / "host"), "not both")
+    error(hv("restore", pid, "-O", "raw"), "--disk")
+    error(hv("restore", pid, "--disk", "2", "--to", tmp_path / "x.img"), "no disk 2")
+    (tmp_path / "taken.img").write_bytes(b"mine")
+    error(hv("restore", pid, "--disk", "0", "--to", tmp_path / "taken.img"), "already exists")
+    assert (tmp_path / "taken.img").read_bytes() == b"mine"
+    error(hv("restore", "20990101T000000.000000Z-00000000", "--disk", "0", "--to", tmp_path / "y.img"),
+          "no restore point")
+    error(hv("restore", "not-a-point", "--as", "z"), "not a point ID")
+    assert not os.path.exists(tmp_path / "x.img") and not os.path.exists(tmp_path / "y.img")
+
+
+def test_verify_finds_a_missing_chunk(hv, hv_json, where):
+    host, tmp = where
+    new_vm(host)
+    hv_json("backup", "web")
+    assert hv_json("verify", "--read-data") == {"points": 1, "read_data": True, "problems": []}
+    sound = hv("verify")
+    assert sound.returncode == 0 and "sound" in sound.stdout
+    victim = next(e.path for d in sorted((tmp / "repo" / "chunks").iterdir()) for e in os.scandir(d))
+    os.unlink(victim)
+    damaged = hv("verify")
+    assert damaged.returncode == 1 and damaged.stderr == ""
+    assert damaged.stdout.count("\n") == 1 and os.path.basename(victim) in damaged.stdout
+    result = hv("verify", "--json")
+    assert result.returncode == 1 and len(json.loads(result.stdout)["problems"]) == 1
+
+
+def test_forget_keeps_by_policy_and_prunes(hv, hv_json, where):
+    host, tmp = where
+    web, _ = new_vm(host, "web"), new_vm(host, "db")
+    for _ in range(3):
+        guest_write(web, 0, 0, os.urandom(MiB))  # each point holds its own first chunk: prune has work
+        hv_json("backup", "web", "db")
+    before = hv_json("points")
+    newest = {vm: [p["point_id"] for p in before if p["vm_name"] == vm][-1] for vm in ("web", "db")}
+
+    plan = hv_json("forget", "--keep-last", "1", "--dry-run")
+    assert plan["dry_run"] is True and plan["prune"] is None
+    assert {k["point_id"]: k["reasons"] for k in plan["keep"]} == {newest["web"]: ["last"], newest["db"]: ["last"]}
+    assert len(plan["forget"]) == 4 and set(plan["forget"][0]) == {"point_id", "vm_id", "vm_name", "time"}
+    assert len(hv_json("points")) == 6
+
+    only_web = hv_json("forget", "--vm", "web", "--keep-last", "2", "--keep-daily", "1")
+    assert [k["reasons"] for k in only_web["keep"]] == [["last"], ["last", "daily"]]
+    assert len(only_web["forget"]) == 1 and only_web["forget"][0]["vm_name"] == "web"
+    assert len(hv_json("points")) == 5
+
+    done = hv_json("forget", "--keep-last", "1", "--prune")
+    assert {k["point_id"] for k in done["keep"]} == set(newest.values()) and len(done["forget"]) == 3
+    assert done["prune"]["chunks_deleted"] > 0 and done["prune"]["bytes_freed"] > 0
+    assert [p["point_id"] for p in hv_json("points")] == sorted(newest.values())
+    assert hv("verify", "--read-data").returncode == 0
+
+    text = hv("forget", "--keep-weekly", "4", "--prune")
+    assert text.returncode == 0 and text.stdout.count("keep ") == 2 and "(weekly)" in text.stdout
+    assert "0 forgotten" in text.stdout and "pruned 0 chunks" in text.stdout
+    [after] = hv_json("backup", "web")
+    assert after["kind"] == "incremental"  # the kept point still serves as the base
+
+    with Repository.open(str(tmp / "repo")).session():  # as a running backup holds it
+        error(hv("forget", "--keep-last", "1"), "locked")
+    assert len(hv_json("points")) == 3
+
+
+def test_failures_are_one_line(hv, where, monkeypatch, tmp_path):
+    host, _ = where
+    new_vm(host)
+    error(hv("backup", "nobody"), "nobody")
+    error(hv("forget"), "keeps nothing")
+    error(hv("forget", "--keep-last", "-1"), "--keep-last")
+    error(hv("points", "--repo", tmp_path / "nowhere"), "not a repository")
+    error(hv("backup", "web", "--method", "rsvd"), "rsvd")
+    monkeypatch.delenv("HVBACKUP_REPO")
+    error(hv("verify"), "--repo")
+    monkeypatch.delenv("HVBACKUP_HOST")
+    error(hv("backup", "web", "--repo", tmp_path / "repo"), "--host")
+
+
+def test_an_encrypted_repository_takes_the_passphrase_from_the_environment(hv, hv_json, where, monkeypatch):
+    host, tmp = where
+    new_vm(host)
+    Repository.init(str(tmp / "secret"), passphrase="correct horse", chunk_size=MiB)
+    monkeypatch.setenv("HVBACKUP_PASSPHRASE", "correct horse")
+    [point] = hv_json("backup", "web", "--repo", tmp / "secret")
+    assert [p["point_id"] for p in hv_json("points", "--repo", tmp / "secret")] == [point["point_id"]]
+    monkeypatch.setenv("HVBACKUP_PASSPHRASE", "wrong")
+    error(hv("verify", "--repo", tmp / "secret"))
