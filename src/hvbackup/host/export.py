@@ -157,15 +157,26 @@ class _Meter:
         self.check()
 
 
+@dataclass
+class _Plan:
+    """One disk to export: in full (``ranges`` None) or the changed ``ranges`` onto ``parent``."""
+
+    source: str
+    block_size: int
+    parent: str | None
+    ranges: list[Extent] | None
+    count: int  # bytes to copy
+
+
 def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool, targets: list[str],
                   meter: _Meter) -> list[str]:
     plans = []
     for disk in checkpoint.disks:
         source = vm.path_of(disk.frozen)
         with disks.open(source, read_only=True) as src:
-            size, held = src.size, data_bytes(src.extents())
+            size, held, block_size = src.size, data_bytes(src.extents()), src.block_size
         if base is None:
-            plans.append((source, None, None, held))
+            plans.append(_Plan(source, block_size, None, None, held))
             continue
         rct_id, parent = base.rct_ids.get(disk.instance_id), base.exported.get(disk.instance_id)
         if rct_id is None:
@@ -175,24 +186,25 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
                             "differential export needs the base's exported disk as its parent; export the "
                             "base checkpoint before converting it, or take a full export", INVALID_PARAMETER)
         ranges = [Extent(o, n, ExtentState.DATA) for o, n in changed_ranges(source, rct_id, size)]
-        plans.append((source, parent, ranges, data_bytes(ranges)))
-    meter.total = sum(plan[3] for plan in plans)
+        plans.append(_Plan(source, block_size, parent, ranges, data_bytes(ranges)))
+    meter.total = sum(plan.count for plan in plans)
     exported = []
-    for (source, parent, ranges, count), target in zip(plans, targets):
+    for plan, target in zip(plans, targets):
         meter.check()
         _remove_leftovers(target)
         try:
-            if ranges is None:
+            if plan.ranges is None:
                 if os.path.lexists(target):
                     os.unlink(target)  # an interrupted export's
-                disks.convert(source, target, progress=meter.piece)
+                # The copy keeps the disk's block size, so it holds data where the disk does.
+                disks.convert(plan.source, target, block_size=plan.block_size, progress=meter.piece)
             elif merge:
-                _merge_into(source, ranges, parent, target, meter)
+                _merge_into(plan.source, plan.ranges, plan.parent, target, meter)
             else:
-                _differential(source, ranges, parent, target, meter)
+                _differential(plan.source, plan.ranges, plan.parent, target, meter)
         except DiskError as exc:
-            raise HostError(f"exporting {source}: {exc}", FAILED) from None
-        meter.done += count
+            raise HostError(f"exporting {plan.source}: {exc}", FAILED) from None
+        meter.done += plan.count
         exported.append(os.path.abspath(target))
     return exported
 
