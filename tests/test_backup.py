@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from hvbackup import disks
-from hvbackup.backup.engine import BackupError, backup_vm, backup_vms
+from hvbackup.backup.engine import BackupError, backup_vm, backup_vms, default_staging
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.restore import restore_disk, restore_vm
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, checkpoints
@@ -212,3 +212,14 @@ def test_restore_refuses_to_overwrite(setup):
         restore_disk(repo, result.point_id, 0, str(target))
     with pytest.raises(Exception, match="no disk 5"):
         restore_disk(repo, result.point_id, 5, str(tmp / "other.vhdx"))
+
+
+def test_only_the_export_the_next_differential_needs_stays_staged(setup):
+    host, repo, _ = setup
+    vm = new_vm(host)
+    staging = default_staging(vm)
+    for _ in range(2):
+        result = backup(repo, vm, method="export")
+        assert os.listdir(staging) == [vm.reference_point(result.reference_point).exported[0].split(os.sep)[-3]]
+    backup(repo, vm, method="virtdisk")  # the staged export's reference point is gone now
+    assert not os.path.exists(staging)

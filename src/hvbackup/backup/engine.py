@@ -22,6 +22,7 @@ For each VM:
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +128,9 @@ def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool 
         source.abandon()
         raise BackupError(f"VM {vm.name}: {exc}") from exc
     source.finish()
+    if method != "export":
+        # A staged export only serves as the parent of the next differential of its reference point.
+        shutil.rmtree(staging or default_staging(vm), ignore_errors=True)
     for older in vm.reference_points():
         if older.instance_id != point.instance_id:
             refpoints.destroy_reference_point(vm, older.instance_id)

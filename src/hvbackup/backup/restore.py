@@ -37,8 +37,7 @@ def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, fo
         raise RepositoryError(f"point {point_id} has no disk {index} (it has {len(point['disks'])})")
     directory, name = os.path.split(os.path.abspath(target))
     temp = os.path.join(directory, f".{name}.restoring")
-    if os.path.lexists(temp):
-        os.unlink(temp)  # an interrupted restore's
+    _remove_leftovers(directory, name)
     try:
         written = _write_disk(repo, point, index, temp, format, progress)
         os.rename(temp, target)
@@ -49,6 +48,14 @@ def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, fo
         raise
     return {"point_id": point_id, "disk": index, "path": os.path.abspath(target), "format": format,
             "virtual_size": point["disks"][index]["geometry"]["virtual_size"], "bytes_written": written}
+
+
+def _remove_leftovers(directory: str, name: str) -> None:
+    """What an interrupted restore to ``name`` left: its hidden file, and the disk layer's own
+    temporary file for it (all hidden names that start with ``name.restoring``)."""
+    for entry in os.listdir(directory):
+        if entry.startswith(".") and entry.lstrip(".").startswith(f"{name}.restoring"):
+            os.unlink(os.path.join(directory, entry))
 
 
 def _stored_bytes(disk: dict, chunk: int) -> int:
