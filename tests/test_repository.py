@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from hvbackup.backup.chunks import chunk_path
 from hvbackup.backup.manifest import decode as decode_manifest
-from hvbackup.backup.repository import Repository
+from hvbackup.backup.repository import DEFAULT_CHUNK_SIZE, Repository
 from hvbackup.errors import RepositoryCorruptError, RepositoryError, RepositoryLockedError
 
 SMALL = 64 << 10  # the smallest chunk size keeps most tests fast
@@ -72,7 +72,7 @@ def flip(path: Path, at: int) -> None:
 def test_round_trip_dedup_across_disks_and_points(tmp_path):
     repo = Repository.init(tmp_path / "r")
     chunk = repo.chunk_size
-    assert chunk == 4 << 20
+    assert chunk == DEFAULT_CHUNK_SIZE == 1 << 20
     disk0 = pattern(1, 3 * chunk) + pattern(2, chunk + 12345)
     disk1 = pattern(1, 3 * chunk)  # the same chunks as disk 0's first three: stored once
     first = store(repo, [disk0, disk1], {"vm_name": "web", "vm_config": {"memory": 1024}, "rct_ids": ["rct:1"]})
@@ -463,7 +463,7 @@ def test_cli_repo_init(tmp_path, hv, hv_json, monkeypatch):
     assert Repository.open(str(tmp_path / "plain")).id == made["id"]
     monkeypatch.setenv("HVBACKUP_PASSPHRASE", "from-env")
     made = hv_json("repo", "init", tmp_path / "secret", "--encrypt")
-    assert made["encrypted"] is True and made["chunk_size"] == 4 << 20
+    assert made["encrypted"] is True and made["chunk_size"] == 1 << 20
     assert Repository.open(str(tmp_path / "secret"), passphrase="from-env").encrypted
     refused = hv("repo", "init", tmp_path / "secret")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "not an empty directory" in refused.stderr

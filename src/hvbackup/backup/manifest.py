@@ -16,7 +16,7 @@ from hvbackup.errors import RepositoryCorruptError, RepositoryError
 
 MAGIC = b"HVBKMANI"
 MAX_STORED = 256 << 20
-MAX_JSON = 1 << 30  # about 60 TiB of disk per point at 4 MiB chunks
+MAX_JSON = 1 << 30  # about 15 TiB of disk per point at 1 MiB chunks, 60 TiB at 4 MiB
 POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")  # UTC time to the microsecond, random
 # What the caller describes; the writer adds point_id, repository_id, chunk_size, disks and sizes.
 CALLER_FIELDS = {

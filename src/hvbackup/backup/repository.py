@@ -26,7 +26,7 @@ from hvbackup.errors import PassphraseNeededError, RepositoryCorruptError, Repos
 
 CONFIG_MAGIC = b"HVBKCONF"
 MAX_CONFIG = 64 << 10
-DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_CHUNK_SIZE = 1 << 20  # measured: docs/benchmarks.md, "Chunk size"
 GRANULE = 64 << 10  # change tracking's block: chunks must be whole multiples of it
 MAX_CHUNK_SIZE = 64 << 20
 _UNSET = object()

@@ -7,7 +7,9 @@ a restore that fails, or is killed, leaves nothing that looks restored.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -21,6 +23,7 @@ from hvbackup.host.vm import DISK_DIRECTORY, Vm
 
 FORMATS = ("vhdx", "raw")
 READ_AHEAD = 6
+WRITEBACK = 64 << 20
 Progress = Callable[[int, int], None]
 
 
@@ -65,6 +68,9 @@ def _stored_bytes(disk: dict, chunk: int) -> int:
 
 def _write_disk(repo: Repository, point: dict, index: int, path: str, format: str,
                 progress: Progress | None) -> int:
+    """Only stored chunks are written: a new disk reads as zeros. Each worker thread fetches,
+    checks and writes its own chunks, so the copying into the file runs on every core; a VHDX's
+    writes take turns (they may allocate blocks), a raw file's need not."""
     disk = point["disks"][index]
     geometry, size = disk["geometry"], disk["geometry"]["virtual_size"]
     chunk = repo.chunk_size
@@ -72,31 +78,47 @@ def _write_disk(repo: Repository, point: dict, index: int, path: str, format: st
     total = _stored_bytes(disk, chunk)
     options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
                "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
-    done = 0
-    # A new disk reads as zeros, so only stored chunks are written.
-    with disks.create(path, size, format=format, **options) as target, \
-            ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
-        pending = []
+    with disks.create(path, size, format=format, **options) as target:
+        meter = _WriteMeter(target, total, progress)
+        turns = threading.Lock() if format == "vhdx" else contextlib.nullcontext()
 
-        def drain_one() -> None:
-            nonlocal done
-            offset, future = pending.pop(0)
-            data = future.result()
+        def restore_chunk(offset: int, name: str) -> None:
+            data = repo.read_chunk(name)
             if len(data) != min(chunk, size - offset):
                 raise RepositoryError(f"point {point['point_id']} disk {index}: the chunk at {offset} holds "
                                       f"{len(data)} bytes where {min(chunk, size - offset)} belong")
-            target.write(offset, data)
-            done += len(data)
-            if progress:
-                progress(done, total)
+            with turns:
+                target.write(offset, data)
+            meter.add(len(data))
 
-        for offset, name in stored:
-            pending.append((offset, pool.submit(repo.read_chunk, name)))
-            if len(pending) >= READ_AHEAD:
-                drain_one()
-        while pending:
-            drain_one()
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
+            pending = []
+            for offset, name in stored:
+                pending.append(pool.submit(restore_chunk, offset, name))
+                if len(pending) >= READ_AHEAD:
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
     return total
+
+
+class _WriteMeter:
+    """Progress, and write-back started every WRITEBACK bytes so the final flush has little left."""
+
+    def __init__(self, target, total: int, progress: Progress | None):
+        self.target, self.total, self.progress = target, total, progress
+        self.done = self.since_flush = 0
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            self.since_flush += count
+            flush, self.since_flush = self.since_flush >= WRITEBACK, self.since_flush % WRITEBACK
+            if self.progress:
+                self.progress(self.done, self.total)
+        if flush:
+            self.target.start_flush()
 
 
 def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None = None,
