@@ -137,14 +137,14 @@ def points(
     if json:
         emit_json(found)
         return
-    # In a narrow terminal the VM, kind and method columns give way; the ID, which restore takes, never does.
-    table = Table(Column("ID", no_wrap=True), "VM", "kind", "method", Column("ended (UTC)", no_wrap=True),
-                  Column("read", justify="right", no_wrap=True), Column("stored", justify="right", no_wrap=True),
-                  box=None, collapse_padding=True, pad_edge=False)
+    # The ID, which restore takes, never wraps, and it is the commit time (UTC): no separate time column.
+    # In a narrow terminal the VM's name gives way.
+    table = Table(Column("ID (UTC time)", no_wrap=True), "VM", Column("kind", no_wrap=True),
+                  Column("method", no_wrap=True), Column("read", justify="right", no_wrap=True),
+                  Column("stored", justify="right", no_wrap=True), box=None, collapse_padding=True, pad_edge=False)
     for p in found:
         table.add_row(p["point_id"], p.get("vm_name") or "-", p.get("kind") or "-", p.get("method") or "-",
-                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(p["ended"])), human_size(p["bytes_read"]),
-                      human_size(p["bytes_stored"]))
+                      human_size(p["bytes_read"]), human_size(p["bytes_stored"]))
     stdout.print(table)
 
 
