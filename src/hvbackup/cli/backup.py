@@ -14,7 +14,6 @@ from enum import Enum
 from typing import Iterator, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Column, Table
 
 from hvbackup.backup import retention
@@ -26,6 +25,7 @@ from hvbackup.cli.output import (
     EXIT_FAILED,
     EXIT_FOUND,
     EXIT_OK,
+    byte_progress,
     count_progress,
     emit_json,
     human_size,
@@ -77,9 +77,7 @@ def vm_progress(names: list[str], enabled: bool) -> Iterator:
     if not (enabled and stderr.is_terminal):
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with byte_progress() as bar:
         tasks = {name: bar.add_task(name, total=None) for name in names}
         yield lambda name, done, total: bar.update(tasks[name], completed=done, total=total or None)
 

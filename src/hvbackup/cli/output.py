@@ -77,15 +77,20 @@ def show_help_without_command(ctx: typer.Context) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+def byte_progress() -> Progress:
+    """Rich progress bars on stderr counting bytes: done, speed, time left."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=stderr, transient=True)
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator:
     """A callback (done, total) that drives a progress bar on stderr when it is a terminal."""
     if not (enabled and stderr.is_terminal):
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with byte_progress() as bar:
         task = bar.add_task(description, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total or None)
 
