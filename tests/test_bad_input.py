@@ -1,6 +1,7 @@
 """Damaged and hostile VHDX files: every one gets a clear DiskFormatError (exit 2 and one line from
 the CLI) — never another exception, a hang, or a huge allocation. A hypothesis fuzzer mutates the
-metadata area of real files and checks the same for whatever it produces."""
+metadata area of real files and checks the same for whatever it produces. A filesystem that fills
+up gives a DiskError naming the file."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_vhdx_disk import leave_log_pending
 
-from hvbackup import disks
+from hvbackup import disks, tracking
 from hvbackup.disks.check import check
 from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.disks.vhdx.create import BAT_OFFSET, METADATA_OFFSET
-from hvbackup.errors import DiskFormatError, HvBackupError, ParentError
+from hvbackup.errors import DiskError, DiskFormatError, HvBackupError, ParentError
 
 MiB = 1 << 20
 HEADER_1, HEADER_2 = 64 * 1024, 128 * 1024
@@ -110,11 +111,7 @@ def test_fatal_damage_is_a_clear_error(images, tmp_path, case):
         disks.open(path, read_only=True)
     assert time.monotonic() - started < 5
     assert str(path.name) in str(caught.value) or "parent" in str(caught.value)
-    if case == "empty file":  # not recognisable as any disk: check fails like every other command
-        with pytest.raises(DiskFormatError):
-            check(str(path))
-    else:
-        assert not check(str(path)).ok
+    assert not check(str(path)).ok  # a damaged file is reported, even an empty one, never raised
     result = subprocess.run([sys.executable, "-m", "hvbackup", "disk", "info", str(path)],
                             capture_output=True, text=True)
     assert result.returncode == 2
@@ -324,3 +321,46 @@ def test_searching_a_forged_log_is_fast():
     with pytest.raises(DiskFormatError, match="no valid log sequence"):
         find_active_sequence(bytes(head) * (MAX_LOG_LENGTH // 4096), guid)
     assert time.monotonic() - started < 20
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 4 MiB tmpfs, mounted for the test (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)]).returncode:
+        pytest.skip("no tmpfs can be mounted here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("name", ["disk.vhdx", "disk.vhd", "disk.raw", "tracked.vhdx"])
+def test_a_full_filesystem_is_an_error_naming_the_disk(small_filesystem, name):
+    path = small_filesystem / name
+    disks.create(path, 64 * MiB).close()
+    if name.startswith("tracked"):
+        tracking.enable(path)
+    with pytest.raises(DiskError, match="No space left on device") as caught:
+        with disks.open(path) as disk:
+            disk.write(0, b"\x77" * 8 * MiB)
+    assert str(path) in str(caught.value)  # the disk, or (tracked) its side file the seal could not save
+
+
+def test_no_room_to_create_a_disk_or_save_tracking_is_an_error_naming_the_file(small_filesystem):
+    tracked = small_filesystem / "tracked.vhdx"
+    disks.create(tracked, 64 * MiB).close()
+    (small_filesystem / "filler").write_bytes(b"")
+    with open(small_filesystem / "filler", "wb") as f, pytest.raises(OSError):
+        f.write(bytes(8 * MiB))  # fills the filesystem
+    for name in ("new.vhdx", "new.vhd"):
+        with pytest.raises(DiskError, match="No space left on device") as caught:
+            disks.create(small_filesystem / name, 64 * MiB)
+        assert name in str(caught.value) and not os.path.exists(small_filesystem / name)
+    with pytest.raises(DiskError, match="No space left on device") as caught:
+        tracking.enable(tracked)
+    assert "tracked.vhdx" in str(caught.value)
+    assert sorted(os.listdir(small_filesystem)) == ["filler", "tracked.vhdx"]  # no half-written files left

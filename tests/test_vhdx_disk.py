@@ -193,6 +193,33 @@ def test_large_disk_interleaves_bitmap_entries(tmp_path):
         assert len(data) == 3  # the blocks either side of 4 GiB coalesce
 
 
+def test_sector_bitmaps_of_more_chunks_than_are_cached_read_and_write_right(tmp_path):
+    """A differencing disk with partial blocks in more chunks (4 GiB each) than the bitmap cache
+    keeps: clean bitmaps are dropped and read again, changed ones stay until committed."""
+    from hvbackup.disks.vhdx.bitmap import MAX_CACHED
+
+    chunks = MAX_CACHED + 4
+    base, child = tmp_path / "base.vhdx", tmp_path / "child.avhdx"
+    with disks.create(base, chunks << 32, block_size=MiB) as d:
+        for chunk in range(chunks):
+            d.write(chunk << 32, b"\x01" * 8192)
+    expected = {}
+    with disks.create(child, type="differencing", parent=base, block_size=MiB) as d:
+        for round_ in range(2):  # the second round rewrites bitmaps the first let go of
+            for chunk in range(chunks):
+                offset = (chunk << 32) + 512 * (1 + round_)
+                d.write(offset, bytes([2 + round_]) * 512)
+                expected[offset] = bytes([2 + round_]) * 512
+        for offset, data in expected.items():
+            assert d.read(offset, 512) == data
+    with disks.open(child, read_only=True) as d:
+        for chunk in range(chunks):
+            assert d.read(chunk << 32, 2048) == b"\x01" * 512 + b"\x02" * 512 + b"\x03" * 512 + b"\x01" * 512
+        data = [e for e in d.extents() if e.state == ExtentState.DATA]
+        assert sum(e.length for e in data if e.depth == 0) == chunks * 1024
+        assert len(d._bitmaps._blocks) <= MAX_CACHED
+
+
 def test_64_tib_sparse_disk(tmp_path):
     size = 64 << 40
     with disks.create(tmp_path / "huge.vhdx", size) as d:

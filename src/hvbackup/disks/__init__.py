@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
+from hvbackup.disks.naming import FORMATS, format_for_path, format_named
 from hvbackup.disks.probe import detect_format
 from hvbackup.disks.raw import RawDisk, create_raw
 from hvbackup.disks.vhd import VhdDisk, create_vhd
@@ -17,7 +18,6 @@ from hvbackup.disks.vhdx.create import create_vhdx
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import DiskError
 
-FORMATS = ("vhdx", "vhd", "raw")
 TYPES = ("fixed", "dynamic", "differencing")
 _OPENERS = {"vhdx": VhdxDisk.open, "vhd": VhdDisk.open, "raw": RawDisk.open}
 
@@ -26,17 +26,22 @@ def create(
     path: str | os.PathLike,
     size: int | None = None,
     *,
-    format: str = "vhdx",
+    format: str | None = None,
     type: str = "dynamic",
     parent: str | os.PathLike | None = None,
     block_size: int | None = None,
     logical_sector_size: int = 512,
     physical_sector_size: int = 4096,
 ) -> BlockDevice:
-    """Create a disk file and return it open read-write. A differencing disk takes its size from
-    ``parent``; ``size`` may then be omitted."""
+    """Create a disk file and return it open read-write. ``format`` None takes the format the
+    name's suffix names (``format_for_path``); a differencing disk whose name names none is of its
+    parent's format. A differencing disk takes its size from ``parent``; ``size`` may then be
+    omitted."""
     path = os.fspath(path)
     parent = os.fspath(parent) if parent is not None else None
+    if format is None and parent is not None and format_named(path) is None:
+        format = detect_format(parent)  # a child is always of its parent's format
+    format = format_for_path(path, format)
     if type not in TYPES:
         raise DiskError(f"unknown disk type {type!r} (one of {', '.join(TYPES)})")
     if format == "vhdx":
@@ -51,12 +56,10 @@ def create(
         if logical_sector_size != 512:
             raise DiskError("VHD disks have 512-byte sectors only")
         create_vhd(path, size, disk_type=type, block_size=block_size, parent_path=parent)
-    elif format == "raw":
+    else:
         if type == "differencing" or size is None:
             raise DiskError("a raw image has a size and no parent")
         create_raw(path, size)
-    else:
-        raise DiskError(f"unknown disk format {format!r} (one of {', '.join(FORMATS)})")
     return open(path)
 
 
@@ -83,5 +86,5 @@ from hvbackup.disks.merge import merge  # noqa: E402
 
 __all__ = [
     "BlockDevice", "CheckReport", "Comparison", "Extent", "ExtentState", "FORMATS", "TYPES",
-    "check", "compare", "convert", "create", "detect_format", "merge", "open",
+    "check", "compare", "convert", "create", "detect_format", "format_for_path", "merge", "open",
 ]

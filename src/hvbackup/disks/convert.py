@@ -10,15 +10,9 @@ import os
 
 from hvbackup import disks
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
-from hvbackup.disks.fileio import sync_directory
+from hvbackup.disks.fileio import remove_file, rename_file, sync_directory
+from hvbackup.disks.naming import format_for_path
 from hvbackup.errors import DiskError
-
-_SUFFIX_FORMATS = {".vhdx": "vhdx", ".avhdx": "vhdx", ".vhd": "vhd", ".avhd": "vhd"}
-
-
-def format_for(path: str) -> str:
-    """The format a file name suggests: .vhdx/.avhdx, .vhd/.avhd, else raw."""
-    return _SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower(), "raw")
 
 
 def convert(
@@ -30,7 +24,9 @@ def convert(
     block_size: int | None = None,
     progress: Progress | None = None,
 ) -> None:
-    format = format or format_for(dst_path)
+    """Write ``src_path``'s contents as the new file ``dst_path``: of ``format``, or of the format
+    its name's suffix names (``format_for_path``)."""
+    format = format_for_path(dst_path, format)
     if type == "differencing":
         raise DiskError("convert writes a whole disk; it cannot make a differencing disk")
     if os.path.lexists(dst_path):
@@ -38,7 +34,7 @@ def convert(
     directory, name = os.path.split(os.path.abspath(dst_path))
     temp = os.path.join(directory, f".{name}.converting")
     if os.path.lexists(temp):
-        os.unlink(temp)  # left by an interrupted conversion
+        remove_file(temp)  # left by an interrupted conversion
     with disks.open(src_path, read_only=True) as src:
         sector = src.logical_sector_size if format == "vhdx" else 512
         try:
@@ -50,9 +46,9 @@ def convert(
                           total=data_bytes(src.extents()), progress=progress)
             if os.path.lexists(dst_path):
                 raise DiskError(f"{dst_path}: already exists")
-            os.rename(temp, dst_path)
+            rename_file(temp, dst_path)
             sync_directory(directory)
         except BaseException:
             if os.path.lexists(temp):
-                os.unlink(temp)
+                remove_file(temp)
             raise

@@ -37,6 +37,15 @@ class FileDisk(BlockDevice):
     def _load(self, chain: tuple[str, ...]) -> None:
         """Read and validate the format's structures from ``self._fd``; open the parent if any."""
 
+    def problems(self) -> list[str]:
+        """Damage the file survives (a damaged redundant copy, say), found when it was opened."""
+        return []
+
+    def repair(self) -> list[str]:
+        """Fix what ``problems`` names where no data is lost; what was done, one line each. Needs a
+        writable open."""
+        return []
+
     def start_flush(self) -> None:
         if not self.read_only and not self.closed:
             start_writeback(self._fd)

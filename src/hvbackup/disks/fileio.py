@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import uuid
 from typing import Iterator
 
@@ -45,6 +46,9 @@ def open_disk_file(path: str, read_only: bool) -> int:
         raise DiskError(f"{path}: is a directory, not a disk") from None
     except OSError as exc:
         raise DiskError(f"{path}: cannot open: {exc.strerror}") from exc
+    if stat.S_ISDIR(os.fstat(fd).st_mode):  # opening a directory read-only succeeds; reading it fails
+        os.close(fd)
+        raise DiskError(f"{path}: is a directory, not a disk")
     if not read_only:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,6 +56,18 @@ def open_disk_file(path: str, read_only: bool) -> int:
             os.close(fd)
             raise DiskBusyError(f"{path}: another process has the disk open for writing") from None
     return fd
+
+
+def file_name(fd: int) -> str:
+    """The path of an open file, so an I/O error can name it (Linux keeps it as /proc/self/fd/N)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"file descriptor {fd}"
+
+
+def io_error(fd: int, what: str, exc: OSError) -> DiskError:
+    return DiskError(f"{file_name(fd)}: {what} failed: {exc.strerror}")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -63,7 +79,10 @@ def readinto_at(fd: int, buffer: memoryview, offset: int) -> None:
     done = 0
     total = len(buffer)
     while done < total:
-        got = os.preadv(fd, [buffer[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+        except OSError as exc:
+            raise io_error(fd, f"read at offset {offset + done:#x}", exc) from exc
         if got == 0:
             zero_fill(buffer[done:])
             return
@@ -72,13 +91,35 @@ def readinto_at(fd: int, buffer: memoryview, offset: int) -> None:
 
 def read_exact(fd: int, length: int, offset: int, what: str) -> bytes:
     """Read a structure that must lie wholly inside the file."""
-    data = os.pread(fd, length, offset)
+    data = b""
     while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
+        try:
+            more = os.pread(fd, length - len(data), offset + len(data))
+        except OSError as exc:
+            raise io_error(fd, f"read at offset {offset + len(data):#x}", exc) from exc
         if not more:
             raise DiskFormatError(f"file is truncated: {what} at offset {offset:#x} is incomplete")
         data += more
     return data
+
+
+def data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [low, high) ranges of [start, end) the file stores data in (SEEK_DATA/SEEK_HOLE); the rest
+    are holes and read as zeros. A filesystem without holes reports everything up to the end of the
+    file as data."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data >= end:
+                return
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                return
+            raise io_error(fd, "mapping data and holes", exc) from exc
+        yield data, hole
+        pos = hole
 
 
 def write_at(fd: int, data, offset: int) -> None:
@@ -88,7 +129,7 @@ def write_at(fd: int, data, offset: int) -> None:
         try:
             done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
-            raise DiskError(f"write at offset {offset + done:#x} failed: {exc.strerror}") from exc
+            raise io_error(fd, f"write at offset {offset + done:#x}", exc) from exc
 
 
 def write_zeros(fd: int, offset: int, length: int) -> None:
@@ -115,7 +156,10 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 def preallocate(fd: int, offset: int, length: int) -> None:
     """Reserve real space for [offset, offset+length) (fixed disks); extends the file."""
     if not _call_fallocate(fd, 0, offset, length):
-        os.ftruncate(fd, max(os.fstat(fd).st_size, offset + length))
+        try:
+            os.ftruncate(fd, max(os.fstat(fd).st_size, offset + length))
+        except OSError as exc:
+            raise io_error(fd, f"growing to {offset + length:#x} bytes", exc) from exc
 
 
 def _call_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
@@ -125,7 +169,7 @@ def _call_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
-    raise DiskError(f"fallocate at offset {offset:#x} failed: {os.strerror(err)}")
+    raise DiskError(f"{file_name(fd)}: fallocate at offset {offset:#x} failed: {os.strerror(err)}")
 
 
 def zero_fill(buffer: memoryview) -> None:
@@ -147,14 +191,17 @@ def start_writeback(fd: int) -> None:
     page cache those already written (hints: a later sync has less to wait for, and a long stream of
     writes does not crowd everything else out of memory)."""
     _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        raise io_error(fd, "write-back", exc) from exc
 
 
 def sync_data(fd: int) -> None:
     try:
         os.fdatasync(fd)
     except OSError as exc:
-        raise DiskError(f"flush failed: {exc.strerror}") from exc
+        raise io_error(fd, "flush", exc) from exc
 
 
 @contextlib.contextmanager
@@ -173,6 +220,8 @@ def new_file(path: str) -> Iterator[int]:
         try:
             yield fd
             os.fsync(fd)
+        except DiskError as exc:  # the temporary name means nothing to the user: name the file being made
+            raise DiskError(str(exc).replace(temp, path)) from exc
         finally:
             os.close(fd)
         try:
@@ -187,11 +236,31 @@ def new_file(path: str) -> Iterator[int]:
 
 
 def sync_directory(directory: str) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    """Make the directory's entries (a file created, renamed or removed) durable."""
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise DiskError(f"{directory}: flushing the directory failed: {exc.strerror}") from exc
+
+
+def rename_file(path: str, new_path: str) -> None:
+    """Rename ``path`` (a disk just built), naming it if that fails."""
+    try:
+        os.rename(path, new_path)
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot rename to {new_path}: {exc.strerror}") from exc
+
+
+def remove_file(path: str) -> None:
+    """Delete ``path`` (a disk or a side file), naming it if that fails."""
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        raise DiskError(f"{path}: cannot delete: {exc.strerror}") from exc
 
 
 def replace_file(path: str, data: bytes) -> None:
@@ -199,12 +268,10 @@ def replace_file(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        try:
-            write_at(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.rename(temp, path)
         sync_directory(directory)
     except OSError as exc:

@@ -15,7 +15,7 @@ from typing import Sequence
 from hvbackup import disks
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
 from hvbackup.disks.device import ExtentState
-from hvbackup.disks.fileio import sync_directory
+from hvbackup.disks.fileio import remove_file, sync_directory
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import DiskError
 
@@ -56,7 +56,7 @@ def merge(child_path: str, *, progress: Progress | None = None, children: Sequen
     for grandchild in children:
         with VhdxDisk.open(grandchild) as disk:
             disk.set_parent(parent_path, parent_guid)
-    os.unlink(child_path)
+    remove_file(child_path)
     if is_vhdx:
         tracking_chain().remove_side_files(child_path)
     sync_directory(os.path.dirname(os.path.abspath(child_path)))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-from hvbackup.disks.vhdx.header import OFFSETS as HEADER_OFFSETS
-from hvbackup.disks.vhdx.header import SIZE as HEADER_SIZE
-from hvbackup.disks.vhdx.header import Header
+from hvbackup.disks.vhdx.header import any_valid as any_valid_header
 from hvbackup.disks.vhdx.identifier import SIGNATURE as VHDX_SIGNATURE
 from hvbackup.errors import DiskError, DiskFormatError
 
@@ -19,7 +17,8 @@ def detect_format(path: str) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-            if head == VHDX_SIGNATURE or _has_vhdx_headers(f):
+            # A VHDX whose file type identifier was overwritten still has a valid header.
+            if head == VHDX_SIGNATURE or any_valid_header(f.fileno()):
                 return "vhdx"
             if head == VHD_COOKIE:
                 return "vhd"
@@ -36,13 +35,3 @@ def detect_format(path: str) -> str:
     except OSError as exc:
         raise DiskError(f"{path}: cannot open: {exc.strerror}") from exc
     return "raw"
-
-
-def _has_vhdx_headers(f) -> bool:
-    """A VHDX whose file type identifier was overwritten still has a valid header (signature and
-    checksum) at 64 or 128 KiB; a raw image practically never does."""
-    for offset in HEADER_OFFSETS:
-        f.seek(offset)
-        if Header.unpack(f.read(HEADER_SIZE).ljust(HEADER_SIZE, b"\0")) is not None:
-            return True
-    return False

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Iterator
 
 from hvbackup.disks.device import Extent, ExtentState
 from hvbackup.disks.filedisk import FileDisk
-from hvbackup.disks.fileio import new_file, punch_hole, readinto_at, sync_data, write_at
-from hvbackup.errors import DiskError
+from hvbackup.disks.fileio import data_ranges, new_file, punch_hole, readinto_at, sync_data, write_at
+from hvbackup.errors import DiskFormatError
+
+SECTOR = 512
 
 
 class RawDisk(FileDisk):
@@ -18,6 +19,10 @@ class RawDisk(FileDisk):
 
     def _load(self, chain: tuple[str, ...]) -> None:
         self.size = os.fstat(self._fd).st_size
+        if not self.size or self.size % SECTOR:
+            # Any file could be read as raw; one that is not whole sectors was never a disk image.
+            raise DiskFormatError(f"{self.path}: not a disk image: {self.size} bytes is not a whole, non-zero "
+                                  f"number of {SECTOR}-byte sectors")
         self._unflushed = False
 
     def info(self) -> dict:
@@ -42,21 +47,13 @@ class RawDisk(FileDisk):
             self._unflushed = False
 
     def _extents(self, pos: int, end: int) -> Iterator[Extent]:
-        while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise DiskError(f"{self.path}: cannot map: {exc.strerror}") from exc
-                data = end
-            data = min(data, end)
+        for data, hole in data_ranges(self._fd, pos, end):
             if data > pos:
                 yield Extent(pos, data - pos, ExtentState.ZERO)
-            if data >= end:
-                return
-            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
             yield Extent(data, hole - data, ExtentState.DATA)
             pos = hole
+        if pos < end:
+            yield Extent(pos, end - pos, ExtentState.ZERO)
 
 
 def create_raw(path: str, size: int) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from crc32c import crc32c
 
 from hvbackup.disks.fileio import replace_file, round_up, sync_data, write_at
+from hvbackup.errors import DiskError
 
 MAGIC = b"HVBKMRT\0"
 VERSION = 1
@@ -96,7 +97,7 @@ class MrtState:
         return cls(uuid.UUID(bytes_le=lineage), base, size, region, pending_dwg if pending_dwg.int else None, marked)
 
     def marked_regions(self) -> list[int]:
-        return [i for i, m in enumerate(self.marked) if m]
+        return np.flatnonzero(np.frombuffer(self.marked, dtype=np.uint8)).tolist()
 
 
 def create(path: str, state: MrtState) -> None:
@@ -116,7 +117,10 @@ class MrtWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DiskError(f"{path}: cannot open: {exc.strerror}") from exc
 
     def commit(self, state: MrtState) -> None:
         """Write ``state`` over the file and wait until it is on stable storage."""

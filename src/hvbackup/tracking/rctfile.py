@@ -71,23 +71,27 @@ class RctState:
     data_write_guid: uuid.UUID
     changes: ChangeMap
     retired: list[EarlierLineage]
+    # Read from a save that holds writes after its last sealed point (a writer's recovered marks,
+    # saved without sealing): known while decoding, so no pass over the map is needed to find it.
+    unsealed_changes: bool = False
 
     def pack(self) -> bytes:
         epochs = self.changes.epochs
-        starts = np.flatnonzero(np.diff(epochs)) + 1
-        if (len(starts) + 1) * 2 < len(epochs):
-            starts = np.concatenate(([0], starts)).astype("<u4")
-            raw, encoding, runs = starts.tobytes() + epochs[starts].astype("<u4").tobytes(), RUNS, len(starts)
+        runs = self.changes.runs(limit=(len(epochs) - 1) // 2)  # runs only while smaller than dense
+        compressor = zstandard.ZstdCompressor(level=1)
+        if runs is not None:
+            starts, values = runs
+            payload = compressor.compress(starts.astype("<u4").tobytes() + values.astype("<u4").tobytes())
+            encoding, count = RUNS, len(starts)
         else:
-            raw, encoding, runs = epochs.astype("<u4", copy=False).tobytes(), DENSE, 0
-        payload = zstandard.ZstdCompressor(level=1).compress(raw)
+            payload, encoding, count = compressor.compress(epochs.astype("<u4", copy=False)), DENSE, 0
         retired = self.retired[-MAX_RETIRED:]
         header = _HEADER.pack(
             MAGIC, VERSION, self.changes.granularity, self.lineage.bytes_le, self.changes.size, self.last_sealed,
-            encoding, self.data_write_guid.bytes_le, runs, len(payload), len(retired), 0,
+            encoding, self.data_write_guid.bytes_le, count, len(payload), len(retired), 0,
         )
-        body = header + b"".join(_RETIRED.pack(e.lineage.bytes_le, e.reason, e.up_to) for e in retired) + payload
-        return body + struct.pack("<I", crc32c(body))
+        head = header + b"".join(_RETIRED.pack(e.lineage.bytes_le, e.reason, e.up_to) for e in retired)
+        return b"".join((head, payload, struct.pack("<I", crc32c(payload, crc32c(head)))))
 
     def save(self, path: str) -> None:
         replace_file(path, self.pack())
@@ -102,7 +106,7 @@ class RctState:
             raise RctFormatError("it is not an hvbackup change tracking file")
         if version != VERSION:
             raise RctFormatError(f"format version {version} is not supported (this hvbackup reads {VERSION})")
-        if struct.unpack_from("<I", data, len(data) - 4)[0] != crc32c(data[:-4]):
+        if struct.unpack_from("<I", data, len(data) - 4)[0] != crc32c(memoryview(data)[:-4]):
             raise RctFormatError("its checksum does not match")
         if size != virtual_size:
             raise RctFormatError(f"it describes a {size}-byte disk; the disk has {virtual_size} bytes")
@@ -110,7 +114,7 @@ class RctState:
             raise RctFormatError(f"granularity {granularity} is invalid")
         granules = -(-size // granularity)
         if (granules > MAX_GRANULES or retired_count > MAX_RETIRED or last_sealed < 1 or encoding not in (DENSE, RUNS)
-                or (encoding == DENSE) != (runs == 0) or runs > granules):
+                or (encoding == DENSE) != (runs == 0) or runs * 2 > granules):
             raise RctFormatError("its counts are out of range")
         at = _HEADER.size + retired_count * _RETIRED.size
         if at + payload_length + 4 != len(data) or payload_length > granules * 4 + _FRAME_OVERHEAD:
@@ -121,26 +125,66 @@ class RctState:
             if reason not in Retirement._value2member_map_ or up_to > last_sealed:
                 raise RctFormatError(f"earlier lineage entry {i} is invalid")
             retired.append(EarlierLineage(uuid.UUID(bytes_le=raw), Retirement(reason), up_to))
-        expected = granules * 4 if encoding == DENSE else runs * 8
+        changes = ChangeMap(size, granularity)
+        payload = memoryview(data)[at:at + payload_length]
         try:
-            raw = zstandard.ZstdDecompressor().decompress(data[at:at + payload_length], max_output_size=expected)
+            if encoding == DENSE:
+                newest = _read_dense(payload, changes, last_sealed)
+            else:
+                newest = _read_runs(payload, runs, changes, last_sealed)
         except zstandard.ZstdError as exc:
             raise RctFormatError(f"its change map does not decompress: {exc}") from None
-        if len(raw) != expected:
+        return cls(uuid.UUID(bytes_le=lineage), last_sealed, uuid.UUID(bytes_le=dwg), changes, retired,
+                   unsealed_changes=newest > last_sealed)
+
+
+def _newest(values: np.ndarray, last_sealed: int) -> int:
+    """The highest epoch in ``values``, which may not exceed last sealed + 1."""
+    newest = int(values.max()) if len(values) else 0
+    if newest > last_sealed + 1:
+        raise RctFormatError("its change map names points that were never sealed")
+    return newest
+
+
+def _read_dense(payload: memoryview, changes: ChangeMap, last_sealed: int) -> int:
+    """Decompress window by window, writing only windows that hold a change (so an unwritten part
+    of the map takes no memory); returns the highest epoch."""
+    reader = zstandard.ZstdDecompressor().stream_reader(payload)
+    newest = 0
+    for low, high in changes.windows():
+        values = np.frombuffer(_read_exactly(reader, (high - low) * 4), dtype="<u4")
+        if values.any():
+            newest = max(newest, _newest(values, last_sealed))
+            changes.epochs[low:high] = values
+    if reader.read(1):
+        raise RctFormatError("its change map has the wrong length")
+    return newest
+
+
+def _read_exactly(reader, length: int) -> bytes:
+    pieces, got = [], 0
+    while got < length:
+        piece = reader.read(length - got)
+        if not piece:
             raise RctFormatError("its change map has the wrong length")
-        values = np.frombuffer(raw, dtype="<u4", offset=runs * 4)
-        if len(values) and int(values.max()) > last_sealed + 1:
-            raise RctFormatError("its change map names points that were never sealed")
-        if encoding == DENSE:
-            epochs = values.astype(np.uint32)
-        else:
-            starts = np.frombuffer(raw, dtype="<u4", count=runs).astype(np.int64)
-            ends = np.append(starts[1:], granules)
-            if starts[0] != 0 or np.any(ends <= starts):
-                raise RctFormatError("its change map runs are out of order")
-            epochs = np.repeat(values.astype(np.uint32), ends - starts)
-        return cls(uuid.UUID(bytes_le=lineage), last_sealed, uuid.UUID(bytes_le=dwg),
-                   ChangeMap(size, granularity, epochs), retired)
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+def _read_runs(payload: memoryview, runs: int, changes: ChangeMap, last_sealed: int) -> int:
+    """Decode K run starts and K epochs into the map; returns the highest epoch."""
+    expected = runs * 8
+    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+    if len(raw) != expected:
+        raise RctFormatError("its change map has the wrong length")
+    starts = np.frombuffer(raw, dtype="<u4", count=runs)
+    values = np.frombuffer(raw, dtype="<u4", offset=runs * 4)
+    newest = _newest(values, last_sealed)
+    if starts[0] != 0 or np.any(starts[1:] <= starts[:-1]) or starts[-1] >= len(changes.epochs):
+        raise RctFormatError("its change map runs are out of order")
+    changes.fill_runs(starts, values)
+    return newest
 
 
 # The largest file a valid save can be: the header, every earlier lineage, the densest map, the CRC.

@@ -12,6 +12,7 @@ import os
 import struct
 import uuid
 
+from hvbackup.disks.fileio import remove_file
 from hvbackup.disks.vhdx.disk import VhdxDisk
 
 MARKER_ITEM = uuid.UUID("7f1e3c52-9a4b-4d6e-8c21-5b0f9e4a6d13")
@@ -30,7 +31,7 @@ def mrt_path(disk_path: str) -> str:
 def remove_side_files(disk_path: str) -> None:
     for side in (rct_path(disk_path), mrt_path(disk_path)):
         if os.path.exists(side):
-            os.unlink(side)
+            remove_file(side)
 
 
 def read_marker(disk: VhdxDisk) -> uuid.UUID | None:

@@ -177,5 +177,5 @@ def load(disk: VhdxDisk) -> Tracking:
             end = min(len(rct.changes.epochs), (region + 1) * mrt.region >> shift)
             rct.changes.stamp_granules(first, end, rct.last_sealed + 1)
             tracking.recovered = True
-    tracking.newer_changes = rct.changes.newest() > rct.last_sealed
+    tracking.newer_changes = tracking.recovered or rct.unsealed_changes
     return tracking

@@ -63,7 +63,8 @@ class VhdDisk(FileDisk):
         fd = self._fd
         self._unflushed = False
         file_size = os.fstat(fd).st_size
-        self.footer, trailing = read_footer(fd, file_size)
+        self.footer, trailing, self.footer_problems = read_footer(fd, file_size)
+        self._footer_trailing = trailing
         self._footer_bytes = self.footer.pack()
         self.size = self.footer.current_size
         self.disk_id = self.footer.unique_id
@@ -116,6 +117,29 @@ class VhdDisk(FileDisk):
             lambda path, above: VhdDisk.open(path, read_only=True, _chain=above),
             lambda parent: parent.disk_id, [self.header.parent_unique_id], "unique id",
         )
+
+    def problems(self) -> list[str]:
+        return list(self.footer_problems)
+
+    def repair(self) -> list[str]:
+        """Restore a damaged, missing or different footer copy from the one the disk opened by."""
+        if not self.footer_problems:
+            return []
+        if self._footer_trailing:
+            write_at(self._fd, self._footer_bytes, 0)
+            done = "rewrote the footer copy at offset 0 from the footer at the end of the file"
+        else:
+            # The footer goes where the data ends; what followed it there is referenced by nothing.
+            write_at(self._fd, self._footer_bytes, self._next_free)
+            try:
+                os.ftruncate(self._fd, self._next_free + footermod.SIZE)
+            except OSError as exc:
+                raise DiskError(f"{self.path}: cannot resize the file: {exc.strerror}") from exc
+            self._footer_trailing = footermod.SIZE
+            done = "rewrote the footer at the end of the file from the copy at offset 0"
+        sync_data(self._fd)
+        self.footer_problems = []
+        return [done]
 
     @property
     def write_alignment(self) -> int:

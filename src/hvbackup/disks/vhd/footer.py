@@ -106,12 +106,14 @@ class Footer:
             raise DiskFormatError(f"the dynamic header offset {self.data_offset:#x} overlaps the footer copy")
 
 
-def read_footer(fd: int, file_size: int) -> tuple[Footer, int]:
-    """The footer to trust and the length of the valid footer ending the file (0 when that one is
-    damaged and the copy at offset 0 of a dynamic or differencing file stands in)."""
+def read_footer(fd: int, file_size: int) -> tuple[Footer, int, list[str]]:
+    """The footer to trust; the length of the valid footer ending the file (0 when that one is
+    damaged and the copy at offset 0 of a dynamic or differencing file stands in); and the damage
+    the file survives: a damaged, missing or different one of a dynamic or differencing file's two
+    copies."""
     if file_size < SHORT_SIZE:
         raise DiskFormatError(f"file is truncated: {file_size} bytes cannot hold a VHD footer")
-    problems = []
+    trailing, trailing_problem = None, None  # a problem stays None where no cookie is found
     for length in (SIZE, SHORT_SIZE):
         if file_size < length:
             continue
@@ -119,21 +121,33 @@ def read_footer(fd: int, file_size: int) -> tuple[Footer, int]:
         if raw[:8] != COOKIE:
             continue
         try:
-            return Footer.unpack(raw), length
+            trailing = Footer.unpack(raw), length
         except DiskFormatError as exc:
-            problems.append(f"the footer at the end of the file is invalid: {exc}")
-            break
+            trailing_problem = f"the footer at the end of the file is invalid: {exc}"
+        break
+    copy, copy_problem = None, None
     if file_size >= SIZE:
         raw = read_exact(fd, SIZE, 0, "VHD footer copy")
         if raw[:8] == COOKIE:
             try:
                 copy = Footer.unpack(raw)
             except DiskFormatError as exc:
-                problems.append(f"the footer copy at offset 0 is invalid: {exc}")
-            else:
-                if copy.disk_type != FIXED:
-                    return copy, 0
-                problems.append("the footer copy at offset 0 claims a fixed disk, which has no copy")
+                copy_problem = f"the footer copy at offset 0 is invalid: {exc}"
+    if trailing is not None:
+        footer, length = trailing
+        if footer.disk_type == FIXED:
+            return footer, length, []  # a fixed disk has no copy: offset 0 holds guest data
+        if copy is None:
+            return footer, length, [copy_problem or "the footer copy at offset 0 is missing or overwritten"]
+        if copy != footer:
+            return footer, length, ["the footer copy at offset 0 differs from the footer at the end of the file"]
+        return footer, length, []
+    if copy is not None and copy.disk_type != FIXED:
+        missing = trailing_problem or "the footer at the end of the file is missing or overwritten"
+        return copy, 0, [f"{missing} (the copy at offset 0 stands in)"]
+    if copy is not None:
+        copy_problem = "the footer copy at offset 0 claims a fixed disk, which has no copy"
+    problems = [p for p in (trailing_problem, copy_problem) if p]
     if not problems:
         raise DiskFormatError("not a VHD file: no 'conectix' footer at the end of the file or at offset 0")
     raise DiskFormatError("; ".join(problems))

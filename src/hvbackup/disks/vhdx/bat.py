@@ -2,8 +2,8 @@
 
 The BAT interleaves payload and sector bitmap entries: after every ``chunk_ratio`` payload entries
 comes the entry of that chunk's sector bitmap block. The table lives in memory as a numpy array of
-whole 4 KiB pages (so bytes past the last entry are kept), with the set of pages changed since the
-last commit.
+whole 4 KiB pages, with the set of pages changed since the last commit; memory and work follow the
+pages that hold entries, not the virtual size.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from hvbackup.disks.fileio import MiB
+from hvbackup.disks.lazymem import lazy_zeros
 from hvbackup.errors import DiskFormatError
 
 # 2.5.1.1 payload block states
@@ -101,22 +102,34 @@ class Geometry:
 
 
 class Bat:
-    """The BAT of an open file."""
+    """The BAT of an open file.
 
-    def __init__(self, geometry: Geometry, file_offset: int, table: np.ndarray):
+    The table is held whole (as many 4 KiB pages as the entries need, so bytes past the last entry
+    are kept) in lazily committed memory, and ``pages_in_use`` marks the pages that may hold a
+    non-zero entry: those read from the file with one, and those changed since. A page outside it is
+    all zeros (every entry NOT_PRESENT), so whole-table checks and searches look at the pages in use
+    alone and cost what is allocated, not what the virtual size would need.
+    """
+
+    def __init__(self, geometry: Geometry, file_offset: int):
         self.geometry = geometry
         self.file_offset = file_offset
-        self.table = table
+        pages = self.page_bytes_needed(geometry) // PAGE
+        self.table = lazy_zeros(pages * ENTRIES_PER_PAGE, "<u8")
+        self.pages_in_use = np.zeros(pages, dtype=bool)
         self.dirty_pages: set[int] = set()
-
-    @classmethod
-    def from_bytes(cls, geometry: Geometry, file_offset: int, data: bytes) -> Bat:
-        table = np.frombuffer(data, dtype="<u8").copy()
-        return cls(geometry, file_offset, table)
 
     @staticmethod
     def page_bytes_needed(geometry: Geometry) -> int:
         return -(-geometry.entry_count * ENTRY_SIZE // PAGE) * PAGE
+
+    def load(self, at: int, data: bytes) -> None:
+        """Take whole pages of the table as stored ``at`` bytes into it; all-zero pages stay unused."""
+        rows = np.frombuffer(data, dtype="<u8").reshape(-1, ENTRIES_PER_PAGE)
+        used = np.flatnonzero(rows.any(axis=1))
+        pages = at // PAGE + used
+        self._pages()[pages] = rows[used]
+        self.pages_in_use[pages] = True
 
     # -- single entries ------------------------------------------------------------------------
 
@@ -134,14 +147,52 @@ class Bat:
 
     def _set(self, index: int, value: int) -> None:
         self.table[index] = value
-        self.dirty_pages.add(index // ENTRIES_PER_PAGE)
+        page = index // ENTRIES_PER_PAGE
+        self.dirty_pages.add(page)
+        self.pages_in_use[page] = True
 
     # -- whole-table views ---------------------------------------------------------------------
 
-    def payload_entries(self, first_block: int, count: int) -> np.ndarray:
-        """Payload entries of blocks [first_block, first_block+count), skipping bitmap entries."""
-        blocks = np.arange(first_block, first_block + count, dtype=np.int64)
-        return self.table[blocks + blocks // self.geometry.chunk_ratio]
+    def _pages(self) -> np.ndarray:
+        return self.table.reshape(-1, ENTRIES_PER_PAGE)
+
+    def _entries_in_use(self, first: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and values of the non-zero entries among [first, end) (every entry by default)."""
+        end = self.geometry.entry_count if end is None else end
+        if first >= end:
+            return np.empty(0, np.int64), np.empty(0, np.uint64)
+        low = first // ENTRIES_PER_PAGE
+        pages = np.flatnonzero(self.pages_in_use[low:(end - 1) // ENTRIES_PER_PAGE + 1]) + low
+        values = self._pages()[pages].ravel()
+        index = (pages[:, None] * ENTRIES_PER_PAGE + np.arange(ENTRIES_PER_PAGE)).ravel()
+        keep = (values != 0) & (index >= first) & (index < end)
+        return index[keep], values[keep]
+
+    def _is_bitmap(self, index: np.ndarray) -> np.ndarray:
+        ratio = self.geometry.chunk_ratio
+        return index % (ratio + 1) == ratio
+
+    def payload_runs(self, first_block: int, end_block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Runs of blocks with one payload state covering [first_block, end_block), in order:
+        (first blocks, end blocks, states). Blocks without an entry in use are NOT_PRESENT."""
+        geo = self.geometry
+        index, values = self._entries_in_use(geo.payload_index(first_block), geo.payload_index(end_block - 1) + 1)
+        states = values & np.uint64(STATE_MASK)
+        keep = (states != NOT_PRESENT) & ~self._is_bitmap(index)
+        blocks, states = index[keep] - index[keep] // (geo.chunk_ratio + 1), states[keep].astype(np.int64)
+        # A run of present entries ends where the next block is not the next one or its state differs.
+        change = (np.diff(blocks) != 1) | (np.diff(states) != 0)
+        heads = np.concatenate(([True], change))[:blocks.size]
+        tails = np.concatenate((change, [True]))[:blocks.size]
+        run_starts, run_ends, run_states = blocks[heads], blocks[tails] + 1, states[heads]
+        # Interleave the NOT_PRESENT gaps: gap, run, gap, run, ..., gap; then drop empty ones.
+        starts = np.empty(2 * run_starts.size + 1, np.int64)
+        starts[0], starts[1::2], starts[2::2] = first_block, run_starts, run_ends
+        ends = np.append(starts[1:], end_block)
+        kinds = np.zeros(starts.size, np.int64)
+        kinds[1::2] = run_states
+        nonempty = ends > starts
+        return starts[nonempty], ends[nonempty], kinds[nonempty]
 
     def pages_to_commit(self) -> list[tuple[int, bytes]]:
         raw = self.table.view(np.uint8)
@@ -154,31 +205,26 @@ class Bat:
         """File offsets and lengths of every block an entry places in the file: present blocks
         (whatever their offset, so a zero one is caught) and the soft anchors UNDEFINED and
         UNMAPPED blocks may keep, since 2.5.1 keeps every non-zero offset unique."""
-        geo = self.geometry
-        table = self.table[:geo.entry_count]
-        is_bitmap = self._bitmap_mask()
-        offsets = (table >> np.uint64(OFFSET_SHIFT)).astype(np.int64) * MiB
-        states = table & np.uint64(STATE_MASK)
-        present = np.where(is_bitmap, states == SB_PRESENT, np.isin(states, (FULLY_PRESENT, PARTIALLY_PRESENT)))
+        index, values = self._entries_in_use()
+        is_bitmap = self._is_bitmap(index)
+        offsets = (values >> np.uint64(OFFSET_SHIFT)).astype(np.int64) * MiB
+        states = values & np.uint64(STATE_MASK)
+        present = np.where(is_bitmap, states == SB_PRESENT, (states == FULLY_PRESENT) | (states == PARTIALLY_PRESENT))
         anchored = ~is_bitmap & np.isin(states, (UNDEFINED, UNMAPPED, UNMAPPED_V095)) & (offsets != 0)
         used = present | anchored
-        lengths = np.where(is_bitmap, MiB, geo.block_size)
-        return offsets[used], lengths[used]
-
-    def _bitmap_mask(self) -> np.ndarray:
-        geo = self.geometry
-        index = np.arange(geo.entry_count, dtype=np.int64)
-        return (index % (geo.chunk_ratio + 1)) == geo.chunk_ratio
+        lengths = np.where(is_bitmap[used], MiB, self.geometry.block_size)
+        return offsets[used], lengths
 
     def validate(self) -> None:
-        """Refuse states the file type does not allow and reserved bits (2.5.1)."""
+        """Refuse states the file type does not allow and reserved bits (2.5.1). Only entries in use
+        are looked at: a zero entry is NOT_PRESENT with no reserved bit, allowed everywhere."""
         geo = self.geometry
-        table = self.table[:geo.entry_count]
-        is_bitmap = self._bitmap_mask()
-        states = table & np.uint64(STATE_MASK)
-        bad_reserved = np.flatnonzero(table & np.uint64(RESERVED_MASK))
+        index, values = self._entries_in_use()
+        is_bitmap = self._is_bitmap(index)
+        states = values & np.uint64(STATE_MASK)
+        bad_reserved = np.flatnonzero(values & np.uint64(RESERVED_MASK))
         if bad_reserved.size:
-            raise DiskFormatError(f"BAT entry {bad_reserved[0]} has reserved bits set")
+            raise DiskFormatError(f"BAT entry {index[bad_reserved[0]]} has reserved bits set")
         allowed_payload = [NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED, UNMAPPED_V095, FULLY_PRESENT]
         if geo.has_parent:
             allowed_payload.append(PARTIALLY_PRESENT)
@@ -188,12 +234,13 @@ class Bat:
             i = int(bad[0])
             kind = "sector bitmap" if is_bitmap[i] else "payload"
             raise DiskFormatError(
-                f"BAT entry {i} ({kind}) has state {int(states[i])}, not allowed in a "
+                f"BAT entry {index[i]} ({kind}) has state {int(states[i])}, not allowed in a "
                 f"{'differencing' if geo.has_parent else 'fixed or dynamic'} VHDX"
             )
         if geo.has_parent:
-            per_chunk = states.reshape(geo.bitmap_blocks, geo.chunk_ratio + 1)
-            needs_bitmap = (per_chunk[:, :-1] == PARTIALLY_PRESENT).any(axis=1)
-            missing = np.flatnonzero(needs_bitmap & (per_chunk[:, -1] != SB_PRESENT))
+            partial = index[~is_bitmap & (states == PARTIALLY_PRESENT)]
+            chunks = partial // (geo.chunk_ratio + 1)
+            bitmap_states = self.table[chunks * (geo.chunk_ratio + 1) + geo.chunk_ratio] & np.uint64(STATE_MASK)
+            missing = chunks[bitmap_states != SB_PRESENT]
             if missing.size:
                 raise DiskFormatError(f"chunk {missing[0]} has partially present blocks but no sector bitmap block")

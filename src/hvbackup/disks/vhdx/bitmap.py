@@ -2,7 +2,8 @@
 
 One bit per logical sector, bit 0 of byte 0 first; 1 means the sector's data is in this file, 0 that
 it comes from the parent. Each 1 MiB block covers one chunk (2^23 sectors). Blocks are loaded on
-first use; changed 4 KiB pages are remembered until the next commit.
+first use and up to ``MAX_CACHED`` of them kept; changed 4 KiB pages are remembered until the next
+commit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hvbackup.disks.fileio import MiB
 from hvbackup.disks.vhdx.bat import PAGE
 
 BITMAP_BLOCK = MiB
+MAX_CACHED = 16  # bitmap blocks kept in memory beyond those with uncommitted changes
 
 
 class SectorBitmaps:
@@ -36,9 +38,17 @@ class SectorBitmaps:
     def _bits(self, chunk: int, file_offset: int) -> np.ndarray:
         known = self._blocks.get(chunk)
         if known is None or known[0] != file_offset:
+            self._forget_clean()
             self.attach(chunk, file_offset)
             known = self._blocks[chunk]
         return known[1]
+
+    def _forget_clean(self) -> None:
+        """Keep memory bounded when a walk visits many chunks: blocks without uncommitted changes
+        can be read again."""
+        if len(self._blocks) >= MAX_CACHED:
+            dirty = {chunk for chunk, _ in self.dirty_pages}
+            self._blocks = {c: b for c, b in self._blocks.items() if c in dirty}
 
     def runs(self, chunk: int, file_offset: int, first: int, count: int) -> list[tuple[bool, int, int]]:
         """(present, first sector, sector count) runs covering sectors [first, first+count) of the

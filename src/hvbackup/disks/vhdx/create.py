@@ -3,8 +3,8 @@
 Layout (1 MiB aligned, as [MS-VHDX] 2.1 requires): header section, a 1 MiB log at 1 MiB, the 1 MiB
 metadata region at 2 MiB, the BAT at 3 MiB, then payload. A fixed disk has every block allocated
 and FULLY_PRESENT with LeaveBlockAllocated set; dynamic and differencing disks start with every
-entry NOT_PRESENT. The file is built under a temporary name and linked into place, so a crash
-never leaves a half-written disk at ``path``.
+entry NOT_PRESENT, which is a BAT of zeros, left as a hole in the file. The file is built under a
+temporary name and linked into place, so a crash never leaves a half-written disk at ``path``.
 """
 
 from __future__ import annotations
@@ -83,13 +83,16 @@ def create_vhdx(
         other_items=inherited,
     )
     data_offset = BAT_OFFSET + geometry.region_length
-    table = np.zeros(geometry.entry_count, dtype="<u8")
+    # A dynamic or differencing BAT is all NOT_PRESENT: zeros, left as a hole in the file.
+    table = b""
     if disk_type == "fixed":
+        entries = np.zeros(geometry.entry_count, dtype="<u8")
         blocks = np.arange(geometry.data_blocks, dtype=np.uint64)
         locations = data_offset + blocks * np.uint64(block_size)
-        table[blocks + blocks // np.uint64(geometry.chunk_ratio)] = (
+        entries[blocks + blocks // np.uint64(geometry.chunk_ratio)] = (
             (locations // np.uint64(MiB)) << np.uint64(batmod.OFFSET_SHIFT) | np.uint64(batmod.FULLY_PRESENT)
         )
+        table = entries.tobytes()
     payload_bytes = geometry.data_blocks * block_size if disk_type == "fixed" else 0
     regions = region.RegionTable((
         region.RegionEntry(region.BAT_GUID, BAT_OFFSET, geometry.region_length, required=True),
@@ -100,7 +103,7 @@ def create_vhdx(
         *zip(header.OFFSETS, header.initial_headers(LOG_OFFSET, LOG_LENGTH, uuid.uuid4())),
         *((offset, regions.pack()) for offset in region.OFFSETS),
         (METADATA_OFFSET, metadata.pack(METADATA_LENGTH)),
-        (BAT_OFFSET, table.tobytes()),
+        (BAT_OFFSET, table),
     ]
     with new_file(path) as fd:
         for offset, data in pieces:

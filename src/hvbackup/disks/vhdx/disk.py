@@ -25,7 +25,9 @@ from hvbackup.disks.device import Extent, ExtentState
 from hvbackup.disks.filedisk import FileDisk
 from hvbackup.disks.fileio import (
     MiB,
+    data_ranges,
     punch_hole,
+    read_exact,
     readinto_at,
     round_up,
     sync_data,
@@ -38,6 +40,7 @@ from hvbackup.disks.vhdx import identifier, region
 from hvbackup.disks.vhdx.bat import Bat, Geometry
 from hvbackup.disks.vhdx.bitmap import BITMAP_BLOCK, SectorBitmaps
 from hvbackup.disks.vhdx.header import NULL_GUID, HeaderSet
+from hvbackup.disks.vhdx.header import any_valid as header_slots_valid
 from hvbackup.disks.vhdx.journal import Journal
 from hvbackup.disks.vhdx.locator import ParentLocator, format_linkage, path_entries
 from hvbackup.disks.vhdx.metadata import Metadata, MetadataEntry
@@ -47,7 +50,8 @@ from hvbackup.errors import DiskError, DiskFormatError, ParentError
 HEADER_SECTION = MiB
 _ZERO_STATES = (batmod.ZERO, batmod.UNMAPPED, batmod.UNMAPPED_V095, batmod.UNDEFINED)
 _SOFT_ANCHOR_STATES = (batmod.UNMAPPED, batmod.UNMAPPED_V095, batmod.UNDEFINED)
-_WINDOW = 1 << 16  # blocks examined at once by extents()
+_WINDOW = 1 << 18  # blocks examined at once by extents(): bounds its temporary arrays
+_BAT_READ = 4 * MiB  # the BAT is read in pieces of this size
 
 
 class VhdxDisk(FileDisk):
@@ -61,7 +65,11 @@ class VhdxDisk(FileDisk):
         if file_size < HEADER_SECTION:
             identifier.FileTypeIdentifier.unpack(os.pread(fd, 8, 0))
             raise DiskFormatError("file is truncated: shorter than the 1 MiB VHDX header section")
-        self.creator = identifier.FileTypeIdentifier.unpack(os.pread(fd, 520, 0)).creator
+        head = read_exact(fd, 520, 0, "file type identifier")
+        if head[:8] != identifier.SIGNATURE and header_slots_valid(fd):
+            raise DiskFormatError("the file type identifier at offset 0 is damaged (a valid header behind it "
+                                  "shows a VHDX file; a repair restores the identifier)")
+        self.creator = identifier.FileTypeIdentifier.unpack(head).creator
         self.headers = HeaderSet.read(fd)
         header = self.headers.current
         if header.log_offset + header.log_length > file_size:
@@ -148,13 +156,19 @@ class VhdxDisk(FileDisk):
 
     def _load_bat(self) -> None:
         bat_region = self.regions.find(region.BAT_GUID)
-        needed = Bat.page_bytes_needed(self.geometry)
         if bat_region.length < self.geometry.entry_count * batmod.ENTRY_SIZE:
             raise DiskFormatError(
                 f"the BAT region holds {bat_region.length // 8} entries; this disk needs {self.geometry.entry_count}"
             )
-        table = self._read_meta(bat_region.file_offset, needed)
-        self.bat = Bat.from_bytes(self.geometry, bat_region.file_offset, table)
+        self.bat = Bat(self.geometry, bat_region.file_offset)
+        # Only what the file stores (or the log patches) can differ from zeros: holes are NOT_PRESENT
+        # entries, so a sparse 256 MiB table costs what it holds.
+        start, end = bat_region.file_offset, bat_region.file_offset + Bat.page_bytes_needed(self.geometry)
+        for low, high in [*data_ranges(self._fd, start, end), *self._overlay.spans(start, end)]:
+            low = start + (low - start) // batmod.PAGE * batmod.PAGE
+            high = start + round_up(high - start, batmod.PAGE)
+            for at in range(low, high, _BAT_READ):
+                self.bat.load(at - start, self._read_meta(at, min(_BAT_READ, high - at)))
         self.bat.validate()
 
     def _check_layout(self) -> None:
@@ -240,6 +254,14 @@ class VhdxDisk(FileDisk):
 
     def virtual_disk_item(self, item_id: uuid.UUID) -> bytes | None:
         return next((d for e, d in self.metadata.other_items if e.is_user and e.item_id == item_id), None)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.log_pending:
+            problems.append("the log holds metadata updates not yet applied (opening read-write replays them)")
+        if not self.headers.both_valid:
+            problems.append("one of the two headers is damaged")
+        return problems + self.region_table_problems
 
     def repair(self) -> list[str]:
         """Rewrite redundant copies that are damaged; the log was already replayed by opening."""
@@ -439,18 +461,13 @@ class VhdxDisk(FileDisk):
         if start >= end:
             return
         bs = self.geometry.block_size
-        first, last = start // bs, (end - 1) // bs
-        for window in range(first, last + 1, _WINDOW):
-            count = min(_WINDOW, last + 1 - window)
-            states = self.bat.payload_entries(window, count) & np.uint64(batmod.STATE_MASK)
-            edges = np.flatnonzero(np.diff(states)) + 1
-            for lo, hi in zip(np.concatenate(([0], edges)), np.concatenate((edges, [count]))):
-                state = int(states[lo])
-                run_start = max(start, (window + int(lo)) * bs)
-                run_end = min(end, (window + int(hi)) * bs)
-                yield from self._run_extents(state, window + int(lo), run_start, run_end)
+        first, stop = start // bs, (end - 1) // bs + 1
+        for window in range(first, stop, _WINDOW):
+            starts, ends, states = self.bat.payload_runs(window, min(stop, window + _WINDOW))
+            for low, high, state in zip(starts.tolist(), ends.tolist(), states.tolist()):
+                yield from self._run_extents(state, max(start, low * bs), min(end, high * bs))
 
-    def _run_extents(self, state: int, first_block: int, start: int, end: int) -> Iterator[Extent]:
+    def _run_extents(self, state: int, start: int, end: int) -> Iterator[Extent]:
         if state == batmod.FULLY_PRESENT:
             yield Extent(start, end - start, ExtentState.DATA)
         elif state in _ZERO_STATES:
@@ -459,7 +476,6 @@ class VhdxDisk(FileDisk):
             yield from self._parent_extents(start, end)
         else:
             yield from self._partial_extents(start, end)
-
 
     def _partial_extents(self, start: int, end: int) -> Iterator[Extent]:
         bs = self.geometry.block_size

@@ -12,7 +12,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from hvbackup.disks.fileio import MiB, read_exact, sync_data, write_at
+from hvbackup.disks.fileio import MiB, read_exact, readinto_at, sync_data, write_at
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.errors import DiskError, DiskFormatError
 
@@ -67,6 +67,17 @@ class Header:
     @property
     def log_pending(self) -> bool:
         return self.log_guid != NULL_GUID
+
+
+def any_valid(fd: int) -> bool:
+    """True if either slot holds a header with a valid signature and checksum: a VHDX file, even if
+    its file type identifier was overwritten (a raw image practically never has one there)."""
+    slot = memoryview(bytearray(SIZE))
+    for offset in OFFSETS:
+        readinto_at(fd, slot, offset)
+        if Header.unpack(bytes(slot)) is not None:
+            return True
+    return False
 
 
 def choose_current(slots: list[Header | None], raw: list[bytes]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hvbackup.disks.fileio import sync_data, write_at
 from hvbackup.errors import DiskFormatError
 
 SIGNATURE = b"vhdxfile"
@@ -27,3 +28,9 @@ class FileTypeIdentifier:
         raw = data[8:8 + _CREATOR_BYTES]
         text = raw.decode("utf-16-le", errors="replace")
         return cls(creator=text.split("\0", 1)[0])
+
+
+def restore(fd: int, creator: str) -> None:
+    """Write a new identifier over a damaged one: the whole 64 KiB structure, reserved bytes zero."""
+    write_at(fd, FileTypeIdentifier(creator).pack().ljust(SIZE, b"\0"), OFFSET)
+    sync_data(fd)

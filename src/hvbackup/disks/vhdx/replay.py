@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import uuid
 
-from hvbackup.disks.fileio import sync_data, write_at, write_zeros
+from hvbackup.disks.fileio import io_error, sync_data, write_at, write_zeros
 from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.log import SECTOR, LogEntry, parse_entry
-from hvbackup.errors import DiskError, DiskFormatError
+from hvbackup.errors import DiskFormatError
 
 # Hyper-V, qemu and hvbackup make 1 MiB logs; a pending log larger than this is refused rather
 # than read into memory and searched.
@@ -94,7 +94,7 @@ def replay_in_place(fd: int, entries: list[LogEntry]) -> None:
         if os.fstat(fd).st_size < last:
             os.ftruncate(fd, last)
     except OSError as exc:
-        raise DiskError(f"replaying the log failed: {exc.strerror}") from exc
+        raise io_error(fd, "replaying the log", exc) from exc
     sync_data(fd)
 
 
@@ -112,6 +112,11 @@ class Overlay:
 
     def __bool__(self) -> bool:
         return bool(self._updates)
+
+    def spans(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The [low, high) parts of [start, end) that updates cover."""
+        return [(max(start, at), min(end, at + count)) for at, _data, count in self._updates
+                if at < end and at + count > start]
 
     def patch(self, offset: int, buffer: memoryview) -> None:
         """Apply the updates, oldest first, to ``buffer`` holding file bytes read at ``offset``."""
