@@ -51,7 +51,8 @@ def verify(directory: str) -> dict:
             # A log the kill left pending is what a crash leaves; the next writer replays it.
             assert all(PENDING_LOG in p for p in problems), (name, problems)
     cleaned = recovery.clean(host, max_age=datetime.timedelta(0))
-    assert recovery.find_orphans(host, max_age=datetime.timedelta(0)).to_dict() == {"checkpoints": [], "files": []}
+    assert recovery.find_orphans(host, max_age=datetime.timedelta(0)).to_dict() == {"checkpoints": [], "files": [],
+                                                                                     "damaged": []}
     for checkpoint in vm.checkpoints():  # what survives the clean still reads
         for d in checkpoint.disks:
             assert os.path.exists(vm.path_of(d.frozen))

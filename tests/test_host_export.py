@@ -287,8 +287,8 @@ def test_cancelled_export_leaves_nothing_that_looks_complete(host, tmp_path, int
     settings = ExportSettings(snapshot_virtual_system=first.instance_id, create_vm_export_subdirectory=False)
     with pytest.raises(HostError, match="cancelled"):
         export_system_definition(vm, str(tmp_path / "full"), settings, cancelled=cancel_after_two)
-    assert os.listdir(tmp_path / "full" / "Virtual Hard Disks") == []
-    assert os.listdir(tmp_path / "full" / "Virtual Machines") == []
+    assert not (tmp_path / "full").exists()  # what the export made, it removed
+    assert vm.checkpoint(first.instance_id).exported == []
     full = export(vm, tmp_path / "full", first)  # again, from the start
     point = refpoints.convert_to_reference_point(vm, first.instance_id)
 
@@ -301,9 +301,11 @@ def test_cancelled_export_leaves_nothing_that_looks_complete(host, tmp_path, int
                               backup_intent=intent, create_vm_export_subdirectory=False)
     with pytest.raises(HostError, match="cancelled"):
         export_system_definition(vm, str(tmp_path / "incremental"), settings, cancelled=cancel_after_two)
-    left = os.listdir(tmp_path / "incremental" / "Virtual Hard Disks")
-    assert all(name.startswith(".") for name in left)  # a Merge keeps its work to resume
-    assert os.listdir(tmp_path / "incremental" / "Virtual Machines") == []
+    assert not (tmp_path / "incremental" / "Virtual Machines").exists()
+    if intent == BACKUP_INTENT_MERGE:  # a Merge keeps its work (the base's disk) to resume
+        assert os.listdir(tmp_path / "incremental" / "Virtual Hard Disks") == [".web_disk0.vhdx.merging"]
+    else:
+        assert not (tmp_path / "incremental").exists()
     diff = export_system_definition(vm, str(tmp_path / "incremental"), settings)
     assert os.listdir(tmp_path / "incremental" / "Virtual Hard Disks") == [
         os.path.basename(diff["virtual_hard_disks"][0])]

@@ -9,8 +9,9 @@ from hvbackup.host.model import (
     ReferencePoint,
     VmConfig,
     VmState,
+    check_vm_name,
 )
-from hvbackup.host.vm import GuestDisk, Vm
+from hvbackup.host.vm import DamagedVm, GuestDisk, Vm
 
-__all__ = ["Checkpoint", "GuestDisk", "Host", "ReferencePoint", "SNAPSHOT_TYPE_FULL", "SNAPSHOT_TYPE_RECOVERY",
-           "Vm", "VmConfig", "VmState"]
+__all__ = ["Checkpoint", "DamagedVm", "GuestDisk", "Host", "ReferencePoint", "SNAPSHOT_TYPE_FULL",
+           "SNAPSHOT_TYPE_RECOVERY", "Vm", "VmConfig", "VmState", "check_vm_name"]

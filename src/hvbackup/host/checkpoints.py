@@ -8,17 +8,24 @@ drops its record; ``collapse`` then tidies the tree: a file that is neither acti
 checkpoint is deleted if nothing sits on it, and merged with its child if exactly one does.
 
 Every step that changes files is preceded by an intent in the VM document, so whoever opens the host
-after a crash finishes it (``recovery.py``).
+after a crash finishes it (``recovery.py``), as does the next operation on the VM
+(``finish_intent``). A failure or an interruption (any exception, KeyboardInterrupt included) while
+a checkpoint's new files are made removes them at once; one during a merge leaves the ``collapse``
+intent, which the next open or operation runs again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
 from hvbackup import disks, tracking
-from hvbackup.errors import DiskBusyError, HostError
+from hvbackup.errors import DiskBusyError, HostError, HvBackupError
+from hvbackup.host.document import MAX_PID
+from hvbackup.host.fileerrors import file_errors
 from hvbackup.host.model import (
+    CONSISTENCY_APPLICATION,
     CONSISTENCY_CRASH,
     SNAPSHOT_TYPE_FULL,
     SNAPSHOT_TYPE_RECOVERY,
@@ -52,7 +59,15 @@ def create(vm: Vm, *, snapshot_type: int = SNAPSHOT_TYPE_FULL, name: str | None 
     AVHDX, record the configuration. ``owner_pid`` marks a recovery checkpoint as a running backup's."""
     if snapshot_type not in (SNAPSHOT_TYPE_FULL, SNAPSHOT_TYPE_RECOVERY):
         raise HostError(f"snapshot type {snapshot_type} is not 2 (standard) or 32768 (recovery)", INVALID_PARAMETER)
-    with vm.host.lock.held(), vm.quiesced():
+    if name is not None and not isinstance(name, str):
+        raise HostError(f"a checkpoint's name is text, not {name!r}", INVALID_PARAMETER)
+    if consistency_level not in (CONSISTENCY_APPLICATION, CONSISTENCY_CRASH):
+        raise HostError(f"consistency level {consistency_level!r} is not 1 (application) or 2 (crash)",
+                        INVALID_PARAMETER)
+    if owner_pid is not None and (not isinstance(owner_pid, int) or not 0 < owner_pid <= MAX_PID):
+        raise HostError(f"owner_pid {owner_pid!r} is not a process ID", INVALID_PARAMETER)
+    with vm.host.lock.held(), vm.quiesced(), file_errors(f"VM {vm.vm_id}: creating a checkpoint"):
+        finish_intent(vm)
         document = vm.load()
         config = VmConfig.from_dict(document["config"])
         checkpoint_id = new_id()
@@ -63,29 +78,62 @@ def create(vm: Vm, *, snapshot_type: int = SNAPSHOT_TYPE_FULL, name: str | None 
         children = [_child_name(d.active, checkpoint_id) for d in config.disks]
         document["intent"] = {"op": "create_checkpoint", "files": children}
         vm.save(document)
-        for attachment, child in zip(config.disks, children):
-            disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(attachment.active)).close()
-        checkpoint = Checkpoint(
-            instance_id=checkpoint_id,
-            name=name or f"{config.name} - ({now()})",
-            snapshot_type=snapshot_type,
-            created=now(),
-            consistency_level=consistency_level,
-            state=document["state"],
-            config=config.to_dict(),
-            disks=[CheckpointDisk(d.instance_id, d.active, rct) for d, rct in zip(config.disks, rct_ids)],
-            parent=document.get("current_checkpoint"),
-            owner={"pid": owner_pid, "boot_id": boot_id()} if owner_pid else None,
-        )
-        for attachment, child in zip(config.disks, children):
-            document["files"][attachment.instance_id][child] = attachment.active
-            attachment.chain.append(child)
-        document["config"] = config.to_dict()
-        document["checkpoints"].append(checkpoint.to_dict())
-        document["current_checkpoint"] = checkpoint_id
-        document["intent"] = None
-        vm.save(document)
+        with _new_files_undone_on_failure(vm):
+            for attachment, child in zip(config.disks, children):
+                disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(attachment.active)).close()
+            checkpoint = Checkpoint(
+                instance_id=checkpoint_id,
+                name=name or f"{config.name} - ({now()})",
+                snapshot_type=snapshot_type,
+                created=now(),
+                consistency_level=consistency_level,
+                state=document["state"],
+                config=config.to_dict(),
+                disks=[CheckpointDisk(d.instance_id, d.active, rct) for d, rct in zip(config.disks, rct_ids)],
+                parent=document.get("current_checkpoint"),
+                owner={"pid": owner_pid, "boot_id": boot_id()} if owner_pid else None,
+            )
+            for attachment, child in zip(config.disks, children):
+                document["files"][attachment.instance_id][child] = attachment.active
+                attachment.chain.append(child)
+            document["config"] = config.to_dict()
+            document["checkpoints"].append(checkpoint.to_dict())
+            document["current_checkpoint"] = checkpoint_id
+            document["intent"] = None
+            vm.save(document)
         return checkpoint
+
+
+@contextlib.contextmanager
+def _new_files_undone_on_failure(vm: Vm):
+    """Any exception before the new files are recorded removes them and clears the intent, as the
+    next open would. If that fails too, the intent stays for the next open to finish."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(HvBackupError, OSError):
+            finish_intent(vm)
+        raise
+
+
+def finish_intent(vm: Vm) -> None:
+    """Finish or undo what a crash, failure or interruption left half done (the document's intent):
+    a checkpoint's new files no record names are deleted (no guest write reached them); the merges
+    after a destroy or apply run again (each resumes where it stopped)."""
+    with vm.host.lock.held(), file_errors(f"VM {vm.vm_id}: finishing an interrupted operation"):
+        document = vm.load()
+        intent = document.get("intent")
+        if not intent:
+            return
+        if intent["op"] == "create_checkpoint":
+            recorded = {f for files in document["files"].values() for f in files}
+            for name in intent["files"]:
+                if name not in recorded:
+                    remove_disk_file(vm.path_of(name))
+            document["intent"] = None
+            vm.save(document)
+        else:
+            collapse(vm)
 
 
 def _child_name(active: str, checkpoint_id: str) -> str:
@@ -96,7 +144,8 @@ def _child_name(active: str, checkpoint_id: str) -> str:
 
 def destroy(vm: Vm, checkpoint_id: str) -> None:
     """DestroySnapshot: drop the checkpoint and merge away the files only it needed."""
-    with vm.host.lock.held():
+    with vm.host.lock.held(), file_errors(f"VM {vm.vm_id}: deleting a checkpoint"):
+        finish_intent(vm)
         document = vm.load()
         checkpoint = vm.checkpoint(checkpoint_id)
         _drop_record(document, checkpoint)
@@ -117,7 +166,8 @@ def _drop_record(document: dict, checkpoint: Checkpoint) -> None:
 def apply(vm: Vm, checkpoint_id: str) -> None:
     """ApplySnapshot: the VM continues from the checkpoint (its configuration and state, its disks
     through new AVHDX files on the frozen ones); what was written since is discarded."""
-    with vm.host.lock.held(), vm.quiesced():
+    with vm.host.lock.held(), vm.quiesced(), file_errors(f"VM {vm.vm_id}: applying a checkpoint"):
+        finish_intent(vm)
         document = vm.load()
         checkpoint = vm.checkpoint(checkpoint_id)
         config = VmConfig.from_dict(checkpoint.config)
@@ -125,17 +175,18 @@ def apply(vm: Vm, checkpoint_id: str) -> None:
         children = [_child_name(d.frozen, branch_id) for d in checkpoint.disks]
         document["intent"] = {"op": "create_checkpoint", "files": children}
         vm.save(document)
-        frozen = {d.instance_id: d.frozen for d in checkpoint.disks}
-        for attachment, child in zip(config.disks, children):
-            parent = frozen[attachment.instance_id]
-            disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(parent)).close()
-            document["files"][attachment.instance_id][child] = parent
-            attachment.chain = _chain_to(document["files"][attachment.instance_id], child)
-        document["config"] = config.to_dict()
-        document["state"] = checkpoint.state if checkpoint.state != VmState.RUNNING else int(VmState.SAVED)
-        document["current_checkpoint"] = checkpoint.instance_id
-        document["intent"] = {"op": "collapse"}
-        vm.save(document)
+        with _new_files_undone_on_failure(vm):
+            frozen = {d.instance_id: d.frozen for d in checkpoint.disks}
+            for attachment, child in zip(config.disks, children):
+                parent = frozen[attachment.instance_id]
+                disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(parent)).close()
+                document["files"][attachment.instance_id][child] = parent
+                attachment.chain = _chain_to(document["files"][attachment.instance_id], child)
+            document["config"] = config.to_dict()
+            document["state"] = checkpoint.state if checkpoint.state != VmState.RUNNING else int(VmState.SAVED)
+            document["current_checkpoint"] = checkpoint.instance_id
+            document["intent"] = {"op": "collapse"}
+            vm.save(document)
         collapse(vm)
 
 
@@ -149,7 +200,7 @@ def _chain_to(files: dict[str, str | None], leaf: str) -> list[str]:
 def collapse(vm: Vm) -> None:
     """Delete files nothing needs and merge a file nothing but its one child needs into that child's
     place, until neither applies; then clear the intent. Safe to run again after a crash."""
-    with vm.host.lock.held(), vm.quiesced():
+    with vm.host.lock.held(), vm.quiesced(), file_errors(f"VM {vm.vm_id}: merging checkpoint files"):
         while _collapse_one(vm):
             pass
         document = vm.load()

@@ -21,22 +21,29 @@ recorded. Running an interrupted export again replaces what it left; an interrup
 leaves ``.<disk>.vhdx.merging`` (or the renamed disk) in the destination, is resumed: it writes the
 same ranges again. The host lock is held throughout, so the checkpoint's files cannot be merged away
 while they are read.
+
+A failure, a cancellation or an interruption (any exception, KeyboardInterrupt included) before the
+.vmcx is in place removes exactly what this export created, directories included, and the record of
+it; what was there before stays, and so does a Merge's working file (it holds the base's data).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from hvbackup import disks
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import replace_file, sync_directory
-from hvbackup.errors import DiskError, HostError
+from hvbackup.errors import DiskError, HostError, HvBackupError
+from hvbackup.host import checkpoints
 from hvbackup.host.changes import FAILED, INVALID_PARAMETER, NOT_SUPPORTED, changed_ranges
+from hvbackup.host.fileerrors import file_errors, write_failed
 from hvbackup.host.model import (
     BACKUP_INTENT_MERGE,
     BACKUP_INTENT_PRESERVE_CHAIN,
@@ -44,7 +51,9 @@ from hvbackup.host.model import (
     EXPORT_ONE_SNAPSHOT_FOR_BACKUP,
     Checkpoint,
     ExportSettings,
+    check_vm_name,
 )
+from hvbackup.host.undo import Created
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
 
 CONFIG_DIRECTORY = "Virtual Machines"
@@ -68,24 +77,51 @@ def export_system_definition(vm: Vm, directory: str, settings: ExportSettings, *
     """Export the checkpoint ``settings.snapshot_virtual_system``; returns the files written:
     ``{"directory", "definition_file", "virtual_hard_disks": [...]}``."""
     _check_settings(settings)
-    with vm.host.lock.held():
+    if not isinstance(directory, str) or not directory:
+        raise HostError("ExportDirectory names no directory", INVALID_PARAMETER)
+    with vm.host.lock.held(), file_errors(f"exporting VM {vm.vm_id} to {directory}"):
+        checkpoints.finish_intent(vm)  # an interrupted merge may still hold the checkpoint's files
         checkpoint = vm.checkpoint(settings.snapshot_virtual_system)
         base = _base(vm, settings.differential_backup_base, checkpoint) if settings.differential_backup_base else None
         merge = base is not None and settings.backup_intent == BACKUP_INTENT_MERGE
-        root = os.path.join(directory, vm.name) if settings.create_vm_export_subdirectory else directory
+        root = os.path.join(directory, export_subdirectory(vm)) if settings.create_vm_export_subdirectory else directory
         definition = os.path.join(root, CONFIG_DIRECTORY, f"{vm.vm_id}.vmcx")
         names = [_disk_name(checkpoint, i, differential=base is not None and not merge)
                  for i in range(len(checkpoint.disks))]
         targets = [os.path.join(root, DISK_DIRECTORY, name) for name in names]
         _check_destination(definition, targets if settings.copy_vm_storage else [])
-        os.makedirs(os.path.dirname(definition), exist_ok=True)
-        exported = []
-        if settings.copy_vm_storage:
-            os.makedirs(os.path.join(root, DISK_DIRECTORY), exist_ok=True)
-            exported = _export_disks(vm, checkpoint, base, merge, targets, _Meter(progress, cancelled))
-            _record(vm, checkpoint, exported)
-        _write_definition(definition, vm, checkpoint, settings, names)
+        created = Created()
+        try:
+            created.make_directories(os.path.dirname(definition))
+            exported = []
+            if settings.copy_vm_storage:
+                created.make_directories(os.path.join(root, DISK_DIRECTORY))
+                exported = _export_disks(vm, checkpoint, base, merge, targets, _Meter(progress, cancelled), created)
+                _record(vm, checkpoint, exported)
+            _write_definition(definition, vm, checkpoint, settings, names)
+        except BaseException:
+            if not os.path.lexists(definition):  # with its .vmcx in place the export is complete
+                _undo(vm, checkpoint, created)
+            raise
         return {"directory": root, "definition_file": definition, "virtual_hard_disks": exported}
+
+
+def export_subdirectory(vm: Vm) -> str:
+    """The ``<VM name>`` directory of an export: the name must be one a VM may have."""
+    try:
+        return check_vm_name(vm.name)
+    except HostError as exc:
+        raise HostError(f"{exc}. Rename the VM, or export without CreateVmExportSubdirectory",
+                        INVALID_PARAMETER) from None
+
+
+def _undo(vm: Vm, checkpoint: Checkpoint, created: Created) -> None:
+    """Back to before the export: the files and directories this export made removed, and the
+    checkpoint's record of its last export as it was. Best effort: the failure itself is what the
+    caller must see (a record left naming removed files fails a later differential with 32773)."""
+    created.remove()
+    with contextlib.suppress(HvBackupError, OSError):
+        _record(vm, checkpoint, checkpoint.exported)
 
 
 def _check_destination(definition: str, targets: list[str]) -> None:
@@ -169,7 +205,7 @@ class _Plan:
 
 
 def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool, targets: list[str],
-                  meter: _Meter) -> list[str]:
+                  meter: _Meter, created: Created) -> list[str]:
     plans = []
     for disk in checkpoint.disks:
         source = vm.path_of(disk.frozen)
@@ -192,12 +228,14 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
     for plan, target in zip(plans, targets):
         meter.check()
         _remove_leftovers(target)
+        if not merge:  # a Merge's target is the base's disk, moved: never removed
+            created.new_file(target)
         try:
             if plan.ranges is None:
-                if os.path.lexists(target):
-                    os.unlink(target)  # an interrupted export's
                 # The copy keeps the disk's block size, so it holds data where the disk does.
-                disks.convert(plan.source, target, block_size=plan.block_size, progress=meter.piece)
+                with _built_hidden(target) as temp:
+                    disks.convert(plan.source, temp, format="vhdx", block_size=plan.block_size,
+                                  progress=meter.piece)
             elif merge:
                 _merge_into(plan.source, plan.ranges, plan.parent, target, meter)
             else:
@@ -223,22 +261,29 @@ def _hidden(target: str, suffix: str) -> str:
     return os.path.join(directory, f".{name}.{suffix}")
 
 
-def _differential(source: str, ranges: list[Extent], parent: str, target: str, meter: _Meter) -> None:
-    """A differencing VHDX on ``parent`` holding the changed ranges of ``source``."""
-    if not os.path.isfile(parent):
-        raise HostError(f"the base's exported disk {parent} is missing; a differential needs it as its parent",
-                        INVALID_PARAMETER)
+@contextlib.contextmanager
+def _built_hidden(target: str) -> Iterator[str]:
+    """A disk built under a hidden name and renamed over ``target`` once complete (replacing what
+    an interrupted export left there only then); on any exception the hidden file goes."""
     temp = _hidden(target, "exporting")
     try:
-        with disks.open(source, read_only=True) as src, \
-                disks.create(temp, type="differencing", parent=parent) as dst:
-            _copy_ranges(src, dst, ranges, meter)
-        os.rename(temp, target)
+        yield temp
+        os.replace(temp, target)
         sync_directory(os.path.dirname(target))
     except BaseException:
         if os.path.lexists(temp):
             os.unlink(temp)
         raise
+
+
+def _differential(source: str, ranges: list[Extent], parent: str, target: str, meter: _Meter) -> None:
+    """A differencing VHDX on ``parent`` holding the changed ranges of ``source``."""
+    if not os.path.isfile(parent):
+        raise HostError(f"the base's exported disk {parent} is missing; a differential needs it as its parent",
+                        INVALID_PARAMETER)
+    with _built_hidden(target) as temp, disks.open(source, read_only=True) as src, \
+            disks.create(temp, format="vhdx", type="differencing", parent=parent) as dst:
+        _copy_ranges(src, dst, ranges, meter)
 
 
 def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, meter: _Meter) -> None:
@@ -310,7 +355,10 @@ def _write_definition(path: str, vm: Vm, checkpoint: Checkpoint, settings: Expor
     }
     if settings.copy_vm_runtime_information:
         definition["runtime"] = {"enabled_state": checkpoint.state}
-    replace_file(path, (json.dumps(definition, indent=1, sort_keys=True) + "\n").encode())
+    try:
+        replace_file(path, (json.dumps(definition, indent=1, sort_keys=True) + "\n").encode())
+    except DiskError as exc:
+        raise write_failed(exc) from None
 
 
 def _record(vm: Vm, checkpoint: Checkpoint, exported: list[str]) -> None:

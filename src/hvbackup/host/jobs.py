@@ -7,7 +7,8 @@ success too, as Microsoft's samples treat it.
 
 Stopping is cooperative, as Msvm_ConcreteJob.RequestStateChange(Terminate) is on Hyper-V: the
 operation is handed a ``cancelled()`` check and decides where it can stop cleanly. While the request
-is pending the job is Shutting Down (6); an operation that never looks finishes Completed.
+is pending the job is Shutting Down (6); an operation that never looks finishes Completed. An
+interruption raised in the job's thread (KeyboardInterrupt, SystemExit) ends it Terminated too.
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ class ConcreteJob:
             self._finish_failed(exc, getattr(exc, "return_value", FAILED))
         except Exception as exc:  # a defect: the job reports it rather than dying silently in its thread
             self._finish_failed(exc, FAILED, prefix=f"internal error ({type(exc).__name__}): ")
+        except BaseException as exc:
+            # KeyboardInterrupt or SystemExit raised in the job's thread: the operation cleaned up as
+            # on a failure; the job ends Terminated. There is no caller in this thread to re-raise to.
+            with self._lock:
+                self.exception = exc
+                self.error_code = FAILED
+                self.error_description = f"interrupted ({type(exc).__name__})"
+                self.job_state = JobState.TERMINATED
         else:
             with self._lock:
                 self.result = result

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
+
+from hvbackup.errors import HostError
 
 # Msvm_VirtualSystemSnapshotService.CreateSnapshot SnapshotType
 SNAPSHOT_TYPE_FULL = 2          # a standard checkpoint
@@ -21,6 +25,17 @@ SYSTEM_TYPE = {
 }
 REFERENCE_POINT_TYPE_RCT = 2    # Msvm_VirtualSystemReferencePoint.ReferencePointType
 CONSISTENCY_APPLICATION, CONSISTENCY_CRASH = 1, 2
+INVALID_PARAMETER = 32773
+
+# A VM name becomes part of file names (<name>_disk<i>_<checkpoint ID>.avhdx plus hidden temporary
+# and side-file suffixes, about 80 bytes more) and of an export's directory: 150 bytes keeps every
+# such name under the usual 255-byte limit. 100 characters is Hyper-V's limit.
+VM_NAME_MAX_CHARACTERS = 100
+VM_NAME_MAX_BYTES = 150
+VM_NAME_RULE = (f"a VM name is 1 to {VM_NAME_MAX_CHARACTERS} characters (at most {VM_NAME_MAX_BYTES} bytes of "
+                "UTF-8) with no '/', '\\' or control characters, no leading or trailing space, does not start "
+                "with '.', and is not a GUID (commands take a VM's name or its ID)")
+_GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 class VmState(enum.IntEnum):
@@ -63,8 +78,8 @@ class VmConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VmConfig:
-        disks = [DiskAttachment(**d) for d in data.get("disks", [])]
-        return cls(**{**data, "disks": disks})
+        disks = [DiskAttachment(**_known_fields(DiskAttachment, d)) for d in data.get("disks", [])]
+        return cls(**{**_known_fields(cls, data), "disks": disks})
 
 
 @dataclass
@@ -99,13 +114,15 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, data: dict) -> Checkpoint:
-        data = {k: v for k, v in data.items() if k != "virtual_system_type"}
-        return cls(**{**data, "disks": [CheckpointDisk(**d) for d in data["disks"]]})
+        disks = [CheckpointDisk(**_known_fields(CheckpointDisk, d)) for d in data["disks"]]
+        return cls(**{**_known_fields(cls, data), "disks": disks})
 
 
 @dataclass
 class ReferencePoint:
-    """Msvm_VirtualSystemReferencePoint (RCT based): the two identifier arrays are parallel."""
+    """Msvm_VirtualSystemReferencePoint (RCT based): the two identifier arrays are parallel.
+    ``element_name`` (CIM_ManagedElement.ElementName) is the recovery checkpoint's name unless
+    ConvertToReferencePoint was given one: a backup application names its points per repository."""
 
     instance_id: str
     virtual_system_identifier: str
@@ -115,13 +132,65 @@ class ReferencePoint:
     created: str
     reference_point_type: int = REFERENCE_POINT_TYPE_RCT
     exported: list[str] = field(default_factory=list)
+    element_name: str = ""  # documents written before it existed have none
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ReferencePoint:
-        return cls(**data)
+        return cls(**_known_fields(cls, data))
+
+
+def check_vm_name(name: object) -> str:
+    """``name`` if it can name a VM (``VM_NAME_RULE``); HostError 32773 saying what is wrong otherwise.
+    Every entry point that takes a VM name, or reads one from a file, checks it before making a file."""
+    problem = _vm_name_problem(name)
+    if problem:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:60]) + "..."
+        raise HostError(f"{shown} cannot be a VM name: {problem}; {VM_NAME_RULE}", INVALID_PARAMETER)
+    return name  # type: ignore[return-value]
+
+
+def _vm_name_problem(name: object) -> str | None:
+    if not isinstance(name, str):
+        return "it is not text"
+    if not name:
+        return "it is empty"
+    if len(name) > VM_NAME_MAX_CHARACTERS:
+        return f"it has {len(name)} characters"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid Unicode text"
+    if size > VM_NAME_MAX_BYTES:
+        return f"it takes {size} bytes of UTF-8"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "it holds a control character"
+    if name != name.strip():
+        return "it starts or ends with white space"
+    if name.startswith("."):
+        return "it starts with '.'"
+    if _GUID.fullmatch(name):
+        return "it has the form of a VM ID"
+    return None
+
+
+def check_vm_id(vm_id: object) -> str:
+    """A VM ID (it names the VM's directory): a GUID, returned upper-case; HostError 32773 otherwise."""
+    if not isinstance(vm_id, str) or not _GUID.fullmatch(vm_id):
+        shown = repr(vm_id)[:80]
+        raise HostError(f"{shown} is not a VM ID: a VM ID is a GUID (8-4-4-4-12 hexadecimal digits)",
+                        INVALID_PARAMETER)
+    return vm_id.upper()
+
+
+def _known_fields(cls, data: dict) -> dict:
+    """The entries of ``data`` that are fields of ``cls``: a newer document's extra keys are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 def new_id() -> str:

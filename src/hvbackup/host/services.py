@@ -37,6 +37,7 @@ from hvbackup.host.model import (
     CONSISTENCY_CRASH,
     ExportSettings,
     VmState,
+    check_vm_name,
 )
 from hvbackup.host.vm import Vm
 
@@ -93,6 +94,13 @@ def _vendor(code: int) -> int:
     return code
 
 
+def _settings(value: dict | None, what: str) -> dict:
+    """An embedded setting-data instance: its fields, snake_case."""
+    if value is not None and not isinstance(value, dict):
+        raise HostError(f"{what} is not a set of fields", INVALID_PARAMETER)
+    return dict(value or {})
+
+
 def _job(job_type: JobType, description: str, operation, *, cancellable: bool = False) -> ConcreteJob:
     return ConcreteJob(job_type, description, cancellable=cancellable).run(operation)
 
@@ -102,6 +110,7 @@ class VirtualSystemSnapshotService:
     ConvertToReferencePoint. Return values from the CIM table (module docstring)."""
 
     SETTINGS = {"consistency_level", "ignore_non_snapshottable_disks", "guest_backup_type", "element_name"}
+    REFERENCE_POINT_SETTINGS = {"consistency_level", "element_name"}
 
     def __init__(self, host: Host):
         self.host = host
@@ -113,7 +122,7 @@ class VirtualSystemSnapshotService:
         application / 2 crash, ``element_name`` the checkpoint's name). Synchronous: (0, Checkpoint).
         ``owner_pid`` (hvbackup's own) marks a recovery checkpoint as that backup process's."""
         def method():
-            settings = dict(snapshot_settings or {})
+            settings = _settings(snapshot_settings, "SnapshotSettings")
             unknown = set(settings) - self.SETTINGS
             if unknown:
                 raise HostError(f"SnapshotSettings has no field {', '.join(sorted(unknown))}", INVALID_PARAMETER)
@@ -143,14 +152,25 @@ class VirtualSystemSnapshotService:
     def convert_to_reference_point(self, vm: Vm, snapshot_id: str,
                                    reference_point_settings: dict | None = None) -> tuple[int, Any]:
         """ConvertToReferencePoint(AffectedSnapshot, ReferencePointSettings): a job (200) whose result
-        is the Msvm_VirtualSystemReferencePoint; only recovery checkpoints convert (else 5)."""
+        is the Msvm_VirtualSystemReferencePoint; only recovery checkpoints convert (else 5).
+        ``reference_point_settings`` holds Msvm_VirtualSystemReferencePointSettingData fields in
+        snake_case: ``consistency_level`` and ``element_name`` (inherited from CIM_SettingData),
+        the point's name; both default to the checkpoint's."""
         def method():
-            if reference_point_settings and set(reference_point_settings) - {"consistency_level"}:
-                raise HostError("ReferencePointSettings holds only consistency_level", INVALID_PARAMETER)
+            settings = _settings(reference_point_settings, "ReferencePointSettings")
+            unknown = set(settings) - self.REFERENCE_POINT_SETTINGS
+            if unknown:
+                raise HostError(f"ReferencePointSettings has no field {', '.join(sorted(unknown))}", INVALID_PARAMETER)
+            level, name = settings.get("consistency_level"), settings.get("element_name")
+            if level is not None and level not in (CONSISTENCY_APPLICATION, CONSISTENCY_CRASH):
+                raise HostError(f"ConsistencyLevel {level!r} is not 1 (application) or 2 (crash)", INVALID_PARAMETER)
+            if name is not None and not isinstance(name, str):
+                raise HostError(f"ElementName {name!r} is not text", INVALID_PARAMETER)
             checkpoint = vm.checkpoint(snapshot_id)
             checkpoints.require_recovery(checkpoint)
             return _job(JobType.CONVERT_SNAPSHOT_TO_REFERENCE_POINT, f"convert {checkpoint.name}",
-                        lambda progress, cancelled: refpoints.convert_to_reference_point(vm, checkpoint.instance_id))
+                        lambda progress, cancelled: refpoints.convert_to_reference_point(
+                            vm, checkpoint.instance_id, element_name=name, consistency_level=level))
         return _call(cim_value, method)
 
 
@@ -194,12 +214,14 @@ class VirtualSystemManagementService:
                                  export_setting_data: ExportSettings) -> tuple[int, Any]:
         """ExportSystemDefinition(ComputerSystem, ExportDirectory, ExportSettingData): a cancellable
         job (62) whose result is what ``export_system_definition`` reports (the files written)."""
-        from hvbackup.host.export import export_system_definition
+        from hvbackup.host.export import export_subdirectory, export_system_definition
 
         def method():
             settings = export_setting_data
-            if not export_directory:
-                raise HostError("ExportDirectory is empty", INVALID_PARAMETER)
+            if not export_directory or not isinstance(export_directory, str):
+                raise HostError("ExportDirectory names no directory", INVALID_PARAMETER)
+            if settings.create_vm_export_subdirectory:
+                export_subdirectory(vm)
             if settings.snapshot_virtual_system is not None:
                 vm.checkpoint(settings.snapshot_virtual_system)
             if settings.differential_backup_base is not None:
@@ -211,17 +233,22 @@ class VirtualSystemManagementService:
         return _call(_vendor, method)
 
     def import_system_definition(self, system_definition_file: str, snapshot_folder: str | None = None,
-                                 generate_new_system_identifier: bool = False) -> tuple[int, Any]:
+                                 generate_new_system_identifier: bool = False, *,
+                                 name: str | None = None) -> tuple[int, Any]:
         """ImportSystemDefinition(SystemDefinitionFile, SnapshotFolder, GenerateNewSystemIdentifier):
-        a job (61) whose result is the planned VM (Msvm_PlannedComputerSystem)."""
+        a job (61) whose result is the planned VM (Msvm_PlannedComputerSystem). ``name``
+        (hvbackup's own) plans the VM under that name instead of the exported one."""
         from hvbackup.host.importing import import_system_definition
 
         def method():
-            if not os.path.isfile(system_definition_file):
+            if not isinstance(system_definition_file, str) or not os.path.isfile(system_definition_file):
                 raise HostError(f"{system_definition_file}: no such system definition file", INVALID_PARAMETER)
+            if name is not None:
+                check_vm_name(name)
             return _job(JobType.IMPORT_VIRTUAL_MACHINE, f"import {system_definition_file}",
                         lambda progress, cancelled: import_system_definition(
-                            self.host, system_definition_file, snapshot_folder, generate_new_system_identifier))
+                            self.host, system_definition_file, snapshot_folder, generate_new_system_identifier,
+                            name=name))
         return _call(_vendor, method)
 
     def realize_planned_system(self, planned_system) -> tuple[int, Any]:

@@ -11,7 +11,11 @@ Layout::
 
 Every document is written whole to a temporary file, fsynced and renamed over the old one, so a
 crash leaves either version. A multi-step operation first records its intent in the VM's document;
-whoever takes the lock next finishes or undoes it (see ``Host.recover``).
+whoever takes the lock next finishes or undoes it (``checkpoints.finish_intent``).
+
+One ``HostLock`` object stands for a host directory in a process, however many ``Host`` objects
+are opened on it: flock() locks belong to an open file, so two objects would block each other even
+within one thread.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import threading
 from typing import Iterator
 
 from hvbackup.disks.fileio import replace_file
-from hvbackup.errors import HostError
+from hvbackup.errors import DiskError, HostError
+from hvbackup.host.fileerrors import file_errors, write_failed
 
 FORMAT_VERSION = 1
 
@@ -36,7 +41,7 @@ def read_document(path: str) -> dict:
         document = json.loads(data)
     except FileNotFoundError:
         raise HostError(f"{path}: missing") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for json
         raise HostError(f"{path}: unreadable: {exc}") from None
     if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION:
         raise HostError(f"{path}: not a version {FORMAT_VERSION} hvbackup host document")
@@ -45,7 +50,21 @@ def read_document(path: str) -> dict:
 
 def write_document(path: str, document: dict) -> None:
     document = {**document, "format_version": FORMAT_VERSION}
-    replace_file(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+    try:
+        replace_file(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+    except DiskError as exc:
+        raise write_failed(exc) from None
+
+
+_LOCKS: dict[str, HostLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def host_lock(directory: str) -> HostLock:
+    """The process's one lock object for the host in ``directory``."""
+    path = os.path.join(os.path.realpath(directory), "host.lock")
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(path, HostLock(path))
 
 
 class HostLock:
@@ -56,13 +75,20 @@ class HostLock:
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd = -1
+        self._holder: int | None = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         with self._thread_lock:
             if self._depth == 0:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                with file_errors("locking the host"):
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd, self._holder = fd, threading.get_ident()
             self._depth += 1
             try:
                 yield
@@ -70,4 +96,8 @@ class HostLock:
                 self._depth -= 1
                 if self._depth == 0:
                     os.close(self._fd)
-                    self._fd = -1
+                    self._fd, self._holder = -1, None
+
+    def owned(self) -> bool:
+        """Whether the calling thread holds the lock (so it must not wait for anything that needs it)."""
+        return self._holder == threading.get_ident()

@@ -4,20 +4,30 @@ its files, and the guest's view of its disks.
 A ``Vm`` object is shared by every caller in a process (``Host.vm`` returns the same one), so its
 ``io_lock`` serialises guest I/O with the operations that must see the disks still: creating a
 checkpoint or merging one away closes the disks under that lock and reopens them after.
+
+The document is checked whenever it is read or written (``document.py``): a damaged one is a
+HostError naming the file, never a KeyError. ``DamagedVm`` is what the host lists in its place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
+import json
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from hvbackup import disks
 from hvbackup.disks.device import BlockDevice
 from hvbackup.errors import DiskBusyError, HostError
 from hvbackup.host import store
-from hvbackup.host.model import Checkpoint, ReferencePoint, VmConfig, VmState
+from hvbackup.host.document import DocumentProblem, check_vm_document
+from hvbackup.host.fileerrors import FAILED, file_errors
+from hvbackup.host.model import Checkpoint, ReferencePoint, VmConfig, VmState, check_vm_name
 
 if TYPE_CHECKING:
     from hvbackup.host.host import Host
@@ -26,6 +36,21 @@ INVALID_STATE = 32775
 SYSTEM_IN_USE = 32774
 INVALID_PARAMETER = 32773
 DISK_DIRECTORY = "Virtual Hard Disks"
+EXCLUSIVE_FILE = "exclusive.lock"
+EXCLUSIVE_POLL = 0.1  # seconds between attempts while waiting for another holder
+
+
+@dataclass
+class DamagedVm:
+    """A VM directory whose document cannot be used (unreadable, wrong shape, missing). The host
+    lists it, leaves it alone and works with its other VMs; the user may repair it by hand."""
+
+    vm_id: str
+    directory: str
+    problem: str
+
+    def to_dict(self) -> dict:
+        return {"id": self.vm_id, "directory": self.directory, "problem": self.problem}
 
 
 class Vm:
@@ -39,9 +64,19 @@ class Vm:
     # -- the document ----------------------------------------------------------------------------
 
     def load(self) -> dict:
-        return store.read_document(self.document_path)
+        document = store.read_document(self.document_path)
+        try:
+            check_vm_document(document)
+        except DocumentProblem as exc:
+            raise HostError(f"{self.document_path}: damaged VM document: {exc}") from None
+        return document
 
     def save(self, document: dict) -> None:
+        try:
+            check_vm_document(document)
+        except DocumentProblem as exc:  # a defect: never write what the next read would call damaged
+            raise HostError(f"{self.document_path}: refusing to write a damaged VM document: {exc}",
+                            FAILED) from None
         store.write_document(self.document_path, document)
 
     @property
@@ -60,18 +95,20 @@ class Vm:
         return [Checkpoint.from_dict(c) for c in self.load()["checkpoints"]]
 
     def checkpoint(self, checkpoint_id: str) -> Checkpoint:
-        for c in self.checkpoints():
-            if c.instance_id.lower() == checkpoint_id.lower() or c.name == checkpoint_id:
-                return c
+        if isinstance(checkpoint_id, str):
+            for c in self.checkpoints():
+                if c.instance_id.lower() == checkpoint_id.lower() or c.name == checkpoint_id:
+                    return c
         raise HostError(f"VM {self.name} has no checkpoint {checkpoint_id}", INVALID_PARAMETER)
 
     def reference_points(self) -> list[ReferencePoint]:
         return [ReferencePoint.from_dict(r) for r in self.load()["reference_points"]]
 
     def reference_point(self, instance_id: str) -> ReferencePoint:
-        for r in self.reference_points():
-            if r.instance_id.lower() == instance_id.lower():
-                return r
+        if isinstance(instance_id, str):
+            for r in self.reference_points():
+                if r.instance_id.lower() == instance_id.lower():
+                    return r
         raise HostError(f"VM {self.name} has no reference point {instance_id}", INVALID_PARAMETER)
 
     def path_of(self, relative: str) -> str:
@@ -87,6 +124,71 @@ class Vm:
             "checkpoints": len(document["checkpoints"]), "reference_points": len(document["reference_points"]),
         }
 
+    def rename(self, name: str) -> None:
+        """ModifySystemSettings(ElementName): a new name, checked as every VM name is and unique on
+        the host. The disk files keep their names, as on Hyper-V."""
+        check_vm_name(name)
+        with self.host.lock.held():
+            if any(vm.name == name for vm in self.host.vms() if vm.vm_id != self.vm_id):
+                raise HostError(f"the host already has a VM named {name!r}", INVALID_PARAMETER)
+            document = self.load()
+            document["config"]["name"] = name
+            self.save(document)
+
+    # -- one long operation at a time -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self, purpose: str, *, timeout: float | None = 0) -> Iterator[None]:
+        """Hold the VM for one long operation (a backup, a restore over it), across processes: a
+        flock on ``exclusive.lock`` in the VM directory, which records the holder's pid, purpose
+        and start time. ``purpose`` follows "is being" ("backed up"). Another holder makes it fail at
+        once with HostError 32774 naming that holder; ``timeout`` seconds (None: no limit) waits for
+        it instead. Not re-entrant. Take it before, never while holding, the host lock, which the
+        holder itself takes briefly for each metadata change."""
+        if timeout != 0 and self.host.lock.owned():
+            raise HostError(f"VM {self.vm_id}: waiting for the VM while holding the host lock could deadlock",
+                            INVALID_STATE)
+        path = os.path.join(self.directory, EXCLUSIVE_FILE)
+        with file_errors(f"VM {self.vm_id}: taking the VM for one operation"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self._take_exclusive(fd, path, purpose, timeout)
+            record = {"pid": os.getpid(), "purpose": purpose,
+                      "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            with file_errors(f"VM {self.vm_id}: recording who holds the VM"):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(record).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # a waiter must not take a past holder for the present one
+        finally:
+            os.close(fd)
+
+    def _take_exclusive(self, fd: int, path: str, purpose: str, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise HostError(self._busy(fd), SYSTEM_IN_USE) from None
+                time.sleep(EXCLUSIVE_POLL if deadline is None else
+                           max(0.0, min(EXCLUSIVE_POLL, deadline - time.monotonic())))
+
+    def _busy(self, fd: int) -> str:
+        try:
+            name = self.name
+        except HostError:
+            name = self.vm_id
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return (f"VM {name} is already being {holder['purpose']} by process {holder['pid']} "
+                    f"since {holder['since']}")
+        except (OSError, ValueError, TypeError, KeyError):  # the holder has not recorded itself yet
+            return f"VM {name} is already held by another operation"
+
     # -- state changes (Msvm_ComputerSystem.RequestStateChange) -----------------------------------
 
     _TRANSITIONS = {
@@ -97,29 +199,40 @@ class Vm:
     }
 
     def request_state_change(self, action: str) -> VmState:
+        if not isinstance(action, str) or action not in self._TRANSITIONS:
+            raise HostError(f"{action!r} is not one of {', '.join(self._TRANSITIONS)}", INVALID_PARAMETER)
         allowed, target = self._TRANSITIONS[action]
-        with self.host.lock.held(), self.io_lock:
+        with self.host.lock.held(), self.io_lock, file_errors(f"VM {self.vm_id}: changing its state"):
             document = self.load()
             current = VmState(document["state"])
             if current not in allowed:
                 raise HostError(f"VM {self.name} is {current.name.title()}; cannot {action} it", INVALID_STATE)
             self.close_disks()
             runtime = self.path_of("runtime-state.vmrs")
-            if target == VmState.SAVED:
-                # The saved state holds what a running VM keeps in memory; here: when it was saved.
-                store.write_document(runtime, {"saved_from": current.name, "vm_id": self.vm_id})
-            elif os.path.exists(runtime) and target != VmState.PAUSED:
-                os.unlink(runtime)
             document["state"] = int(target)
-            self.save(document)
+            if target == VmState.SAVED:
+                # The saved state holds what a running VM keeps in memory; here: when it was saved. It
+                # is written first, and goes again if recording the state fails or is interrupted.
+                store.write_document(runtime, {"saved_from": current.name, "vm_id": self.vm_id})
+                try:
+                    self.save(document)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(runtime)
+                    raise
+            else:
+                self.save(document)
+                if target != VmState.PAUSED and os.path.exists(runtime):
+                    os.unlink(runtime)  # once the state is recorded: a stray one goes at the next change
             return target
 
     # -- guest I/O -------------------------------------------------------------------------------
 
     def disk(self, index: int) -> GuestDisk:
         disks_ = self.config.disks
-        if not 0 <= index < len(disks_):
-            raise HostError(f"VM {self.name} has {len(disks_)} disks; there is no disk {index}", INVALID_PARAMETER)
+        if not isinstance(index, int) or not 0 <= index < len(disks_):
+            count = f"{len(disks_)} disk" + ("" if len(disks_) == 1 else "s")
+            raise HostError(f"VM {self.name} has {count}; there is no disk {index}", INVALID_PARAMETER)
         return GuestDisk(self, index)
 
     def _device(self, index: int) -> BlockDevice:
@@ -131,7 +244,8 @@ class Vm:
                 raise HostError(f"VM {config.name} is {state.name.title()}; start it to reach its disks",
                                 INVALID_STATE)
             try:
-                device = disks.open(self.path_of(config.disks[index].active))
+                with file_errors(f"VM {config.name}: opening disk {index}"):
+                    device = disks.open(self.path_of(config.disks[index].active))
             except DiskBusyError:
                 raise HostError(f"VM {config.name}: disk {index} is in use by another process",
                                 SYSTEM_IN_USE) from None
