@@ -14,6 +14,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ["backup_world"]  # the ``where`` fixture of the backup commands' tests
+
 settings.register_profile(
     "bounded", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

@@ -263,11 +263,11 @@ def test_sigkill_during_backups(tmp_path, sample):
             assert sum("stray recovery checkpoint" in note for note in result.notes) == len(strays)
         assert vm.checkpoints() == [], "a recovery checkpoint was left behind"
         assert [r.instance_id for r in vm.reference_points()] == [result.reference_point]
-        assert recovery.find_orphans(host).to_dict() == {"checkpoints": [], "files": []}
+        assert recovery.find_orphans(host).to_dict() == {"checkpoints": [], "files": [], "damaged": []}
         assert [restored_sha(repo, result.point_id, i, tmp_path) for i in range(len(SIZES))] == want
         checked.add(result.point_id)
         assert leftover_files(Path(repo_dir, "tmp")) == []
-        staged = leftover_files(Path(default_staging(vm)))
+        staged = leftover_files(Path(default_staging(vm, repo)))
         if result.method == "export":
             assert len(staged) == 1, staged  # its own; older and killed runs' exports are removed
         else:
@@ -386,7 +386,7 @@ def test_sigkill_during_restore(world, tmp_path, sample, mode):
             assert not [d for d in os.listdir(Path(host.directory, "vms")) if d.endswith(".partial")]
             names = sorted(vm.name for vm in host.vms())
             assert names in (["other"], ["copy", "other"]), names
-            assert recovery.find_orphans(host).to_dict() == {"checkpoints": [], "files": []}
+            assert recovery.find_orphans(host).to_dict() == {"checkpoints": [], "files": [], "damaged": []}
             if names == ["other"]:
                 restore_vm(repo, point, host, name="copy")
             check_vm(Host.open(host.directory), "copy")
@@ -490,7 +490,7 @@ def undamaged(shared):
 
 def referencing(repo: Repository, name: str) -> set[tuple[str, int]]:
     return {(point, d["index"]) for point in repo.point_ids() for d in repo.point(point)["disks"]
-            if name in d["chunks"]}
+            if name in d["chunks"].to_json()}
 
 
 def assert_outcome(repo: Repository, world, where: Path, affected: set[tuple[str, int]], points: list[str],
@@ -517,7 +517,7 @@ def test_damaged_chunk(world, undamaged, tmp_path, which, damage):
     repo = undamaged(which)
     points = repo.point_ids()
     # A chunk of the first point that the last one no longer uses: some points lose it, some do not.
-    first, last = (set(c for d in repo.point(p)["disks"] for c in d["chunks"] if c) for p in (points[0], points[-1]))
+    first, last = ({c for d in repo.point(p)["disks"] for _, c in d["chunks"].items()} for p in (points[0], points[-1]))
     name = sorted(first - last)[0]
     affected = referencing(repo, name)
     assert affected and len(affected) < len(points) * len(SIZES)
@@ -532,7 +532,7 @@ def test_chunk_renamed_onto_another(world, undamaged, tmp_path, which):
     repo = undamaged(which)
     points = repo.point_ids()
     disks0 = repo.point(points[0])["disks"]
-    source, destination = disks0[1]["chunks"][MiB // CHUNK], disks0[0]["chunks"][0]
+    source, destination = disks0[1]["chunks"].name_at(MiB // CHUNK), disks0[0]["chunks"].name_at(0)
     assert source and destination and source != destination
     os.rename(chunk_path(repo.path, source), chunk_path(repo.path, destination))
     assert_outcome(repo, world, tmp_path, referencing(repo, source) | referencing(repo, destination), points)
@@ -655,7 +655,7 @@ def test_backup_into_a_full_filesystem(tmp_path, small_fs, method, full_part):
     assert repo.verify(read_data=True) == []
     assert leftover_files(Path(repo.path, "tmp")) == []
     if method == "export":  # only the staged export of the kept reference point is left
-        assert len(leftover_files(Path(staging or default_staging(vm)))) == 1
+        assert len(leftover_files(Path(staging or default_staging(vm, repo)))) == 1
     repo.prune()  # the chunks the failed backup stored are garbage now
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)

@@ -358,7 +358,7 @@ def test_both_methods_store_identical_chunk_lists(scratch):
                 results[method] = backup_vm(session, vm, method=method)
         assert _image(vms["virtdisk"], 0) == _image(vms["export"], 0)
         assert [r.kind for r in results.values()] == ["full" if step == 0 else "incremental"] * 2
-        lists = [[d["chunks"] for d in repo.point(r.point_id)["disks"]] for r in results.values()]
+        lists = [[d["chunks"].to_json() for d in repo.point(r.point_id)["disks"]] for r in results.values()]
         assert lists[0] == lists[1], step
         chunk_lists.append(lists[0])
     assert chunk_lists[1] != chunk_lists[2]  # the history did change the disks between the points

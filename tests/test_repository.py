@@ -97,8 +97,9 @@ def test_zero_chunks_are_not_stored_and_tails_round_trip(tmp_path):
     image = bytes(SMALL) + pattern(3, SMALL) + bytes(SMALL) + pattern(4, 1000)
     point = store(repo, [image, bytes(100)])
     chunks = repo.point(point)["disks"][0]["chunks"]
-    assert chunks[0] is None and chunks[2] is None and None not in (chunks[1], chunks[3])
-    assert repo.point(point)["disks"][1]["chunks"] == [None]
+    assert chunks.slots.tolist() == [1, 3] and chunks.count == 4
+    assert chunks.to_json() == [1, chunks.name_at(1), 1, chunks.name_at(3)]
+    assert repo.point(point)["disks"][1]["chunks"].to_json() == [1]
     assert len(chunk_files(repo)) == 2
     assert read_back(repo, point, 0) == image and read_back(repo, point, 1) == bytes(100)
     assert [o for o, _ in repo.read_disk(point, 0, zeros=False)] == [SMALL, 3 * SMALL]
@@ -111,15 +112,33 @@ def test_incremental_reuses_previous_chunks(tmp_path):
     previous = repo.point(full)["disks"][0]["chunks"]
     changed = pattern(6, SMALL)
     with repo.writer() as w:
-        w.add_disk(0, geometry(len(base)))
-        for i, ref in enumerate(previous):
-            if i == 2:
-                w.put(0, i * SMALL, changed)
-            else:
-                w.reuse(0, i * SMALL, ref)
+        assert w.add_disk(0, geometry(len(base)), previous) == []  # nothing of the base is lost
+        w.put(0, 2 * SMALL, changed)
+        w.put(0, 3 * SMALL, bytes(SMALL))  # a slot of the base that becomes zeros
         incremental = w.commit({"reference_point": "rp-1", "method": "virtdisk"})
-    assert read_back(repo, incremental, 0) == base[: 2 * SMALL] + changed + base[3 * SMALL:]
-    assert repo.point(incremental)["bytes_read"] == SMALL
+    assert read_back(repo, incremental, 0) == base[: 2 * SMALL] + changed + bytes(SMALL)
+    assert repo.point(incremental)["bytes_read"] == 2 * SMALL
+    assert read_back(repo, full, 0) == base  # the base point is untouched
+
+
+def test_an_incremental_stores_again_what_its_base_lost(tmp_path):
+    """A chunk the base references but the repository lacks (deleted, or set aside by verify) must
+    be put again: the writer says which slots, and refuses to commit without them."""
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    base = pattern(5, 2 * SMALL) + pattern(5, 2 * SMALL)  # slots 0, 2 and 1, 3 share chunks
+    full = store(repo, [base])
+    previous = repo.point(full)["disks"][0]["chunks"]
+    os.unlink(chunk_path(repo.path, previous.name_at(1)))
+    with repo.writer() as w:
+        assert w.add_disk(0, geometry(len(base)), previous) == [1, 3]
+        w.put(0, SMALL, base[SMALL: 2 * SMALL])
+        with pytest.raises(RepositoryError, match="offset 196608 is lost"):
+            w.commit({})
+        w.put(0, 3 * SMALL, base[3 * SMALL:])
+        healed = w.commit({})
+    assert read_back(repo, healed, 0) == base
+    assert read_back(repo, full, 0) == base  # the same chunk name: the old point is whole again
+    assert repo.verify(read_data=True) == []
 
 
 def test_writer_refuses_bad_use(tmp_path):
@@ -130,18 +149,14 @@ def test_writer_refuses_bad_use(tmp_path):
             w.put(0, 100, b"x")
         with pytest.raises(RepositoryError, match="expected"):
             w.put(0, 0, b"x")
-        with pytest.raises(RepositoryError, match="not in any committed point"):
-            w.reuse(0, 0, "ab" * 32)
         with pytest.raises(RepositoryError, match="unknown manifest fields"):
             w.commit({"colour": "red"})
-        w.put(0, 0, pattern(7, SMALL))
-        with pytest.raises(RepositoryError, match="never put"):
-            w.commit({})
+        with pytest.raises(RepositoryError, match="in order"):
+            w.add_disk(2, geometry(SMALL))
     assert repo.point_ids() == []
     outside = repo.session().writer()  # a session that never took the lock
-    outside.add_disk(0, geometry(SMALL))
     with pytest.raises(RepositoryError, match="not open"):
-        outside.put(0, 0, pattern(7, SMALL))
+        outside.add_disk(0, geometry(SMALL))
     with repo.writer() as w:
         w.commit({})
         with pytest.raises(RepositoryError, match="not open"):
@@ -175,7 +190,7 @@ def test_encryption_round_trip_and_wrong_passphrase(tmp_path):
     assert read_back(opened, point, 0) == image
     assert opened.verify(read_data=True) == []
     # Keyed names: the plain BLAKE3 of a chunk is not its name, and no file holds the VM name in clear.
-    assert blake3(image[:SMALL]).hexdigest() not in repo.point(point)["disks"][0]["chunks"]
+    assert blake3(image[:SMALL]).hexdigest() not in repo.point(point)["disks"][0]["chunks"].to_json()
     assert all(b"secret-vm" not in p.read_bytes() for p in Path(repo.path).rglob("*") if p.is_file())
     with pytest.raises(RepositoryError, match="wrong passphrase"):
         Repository.open(repo.path, passphrase="wrong")
@@ -186,7 +201,7 @@ def test_encryption_round_trip_and_wrong_passphrase(tmp_path):
 def test_encrypted_chunk_tampering_fails_authentication(tmp_path):
     repo = Repository.init(tmp_path / "r", passphrase="pw", chunk_size=SMALL)
     point = store(repo, [pattern(9, SMALL)])
-    path = Path(chunk_path(repo.path, repo.point(point)["disks"][0]["chunks"][0]))
+    path = Path(chunk_path(repo.path, repo.point(point)["disks"][0]["chunks"].name_at(0)))
     data = bytearray(path.read_bytes())
     data[40] ^= 1  # inside the sealed payload; recompute the outer checksum so only the AEAD can notice
     data[-32:] = blake3(bytes(data[:-32])).digest()
@@ -227,15 +242,13 @@ class RepositoryModel(RuleBasedStateMachine):
         with self.repo.writer() as w:
             for index, disk in enumerate(previous):
                 image = bytearray(self.expected[base][index])
-                w.add_disk(index, disk["geometry"])
-                for i, ref in enumerate(disk["chunks"]):
+                assert w.add_disk(index, disk["geometry"], disk["chunks"]) == []
+                for i in range(disk["chunks"].count):
                     offset = i * SMALL
                     if data.draw(st.booleans()):
                         piece = pattern(data.draw(st.integers(0, 6)), len(image[offset: offset + SMALL]))
                         image[offset: offset + len(piece)] = piece
                         w.put(index, offset, piece)
-                    else:
-                        w.reuse(index, offset, ref)
                 images.append(bytes(image))
             if data.draw(st.booleans()):
                 return  # abandoned before commit: must leave no trace
@@ -291,13 +304,18 @@ def test_prune_deletes_only_unreferenced_chunks(tmp_path):
 def test_flipped_byte_in_a_chunk_is_found(tmp_path, at):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     point = store(repo, [pattern(13, SMALL)])
-    name = repo.point(point)["disks"][0]["chunks"][0]
+    name = repo.point(point)["disks"][0]["chunks"].name_at(0)
     flip(Path(chunk_path(repo.path, name)), at)
     assert repo.verify() == []  # structure is intact; only reading the data can tell
     problems = repo.verify(read_data=True)
-    assert len(problems) == 1 and name in problems[0]
-    with pytest.raises(RepositoryCorruptError):
+    assert name in problems[0] and any(point in p and "damaged" in p for p in problems)
+    # verify set the chunk aside, so the next writer that has its data stores it again
+    assert Path(repo.path, "damaged", "chunks", name).exists() and not Path(chunk_path(repo.path, name)).exists()
+    with pytest.raises(RepositoryCorruptError, match="missing"):
         read_back(repo, point, 0)
+    again = store(repo, [pattern(13, SMALL)])
+    assert read_back(repo, point, 0) == read_back(repo, again, 0) == pattern(13, SMALL)
+    assert repo.verify(read_data=True) == []
 
 
 @pytest.mark.parametrize("at", [0, 9, 17, 30, -5])
@@ -309,7 +327,7 @@ def test_flipped_byte_in_a_manifest_is_found(tmp_path, at):
     assert len(problems) == 1 and point in problems[0]
     with pytest.raises(RepositoryCorruptError):
         repo.point(point)
-    with pytest.raises(RepositoryCorruptError):
+    with pytest.raises(RepositoryError, match="damaged"):
         repo.prune()  # never delete chunks a damaged manifest might still need
     assert len(chunk_files(repo)) == 1
 
@@ -355,7 +373,7 @@ def test_damaged_files_raise_only_repository_errors(fuzz_repo, data):
 def test_deleted_chunk_is_reported(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     point = store(repo, [pattern(15, SMALL) + pattern(16, SMALL)])
-    name = repo.point(point)["disks"][0]["chunks"][1]
+    name = repo.point(point)["disks"][0]["chunks"].name_at(1)
     os.unlink(chunk_path(repo.path, name))
     problems = repo.verify()
     assert len(problems) == 1 and "missing" in problems[0] and name in problems[0]

@@ -2,21 +2,21 @@
 
 For each VM:
 
-1. The base: the VM's newest restore point in the repository whose RCT IDs one of the VM's reference
-   points still carries. Without one (first backup, ``full``, a reference point removed by hand)
-   every disk is read in full.
-2. CreateSnapshot with SnapshotType 32768: a recovery checkpoint, owned by this process. One an
-   interrupted run left behind (its process gone) is removed first; ``checkpoint clean`` removes
-   them too.
+1. The base: the VM's newest restore point in the repository whose RCT IDs one of the VM's
+   reference points still carries. Without one (first backup, ``full``, a reference point removed by
+   hand) every disk is read in full. Only one backup of a VM runs at a time (``Vm.exclusive``).
+2. CreateSnapshot with SnapshotType 32768: a recovery checkpoint, owned by this process and named
+   for the repository. One an interrupted run left behind (its process gone) is removed first;
+   ``checkpoint clean`` removes them too.
 3. Per disk, the chunks to read: every chunk holding data (full), or those the change list touches
-   (incremental); every other chunk is taken from the base point by reference. A disk whose changes
-   cannot be had — tracking off, lost or changed offline, a disk new since the base — is read in
-   full, and the point's ``notes`` say why.
+   (incremental), plus any chunk of the base that the repository has lost; the writer takes every
+   other slot from the base point's index. A disk whose changes cannot be had — tracking off, lost
+   or changed offline, a disk new since the base — is read in full, and the point's ``notes`` say why.
 4. ConvertToReferencePoint, then the manifest is committed naming the new reference point, then
-   DestroyReferencePoint for the VM's older ones: a crash between these steps leaves a base the
-   next run still finds.
-5. On failure: DestroySnapshot; nothing of the run becomes visible in the repository and the base
-   reference point stays, so the next incremental still works.
+   DestroyReferencePoint for the older reference points of this repository (other repositories keep
+   theirs): a crash between these steps leaves a base the next run still finds.
+5. On failure or interruption: DestroySnapshot; nothing of the run becomes visible in the repository
+   and the base reference point stays, so the next incremental still works.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hvbackup.backup.repository import Repository, Session, Writer
+from hvbackup.backup.index import ChunkIndex
+from hvbackup.backup.repository import Repository
 from hvbackup.backup.sources import DiskReader, ExportSource, NeedsFull, VirtDiskSource
+from hvbackup.backup.writer import Session, Writer
 from hvbackup.errors import HvBackupError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
 from hvbackup.host.model import ReferencePoint
@@ -43,7 +45,16 @@ Progress = Callable[[str, int, int], None]  # (VM name, bytes done, bytes to do)
 
 
 class BackupError(HvBackupError):
-    """A VM's backup failed; its checkpoint was removed and its last reference point kept."""
+    """A VM's backup failed; its checkpoint was removed and its last reference point kept. ``vm``
+    is the VM's name (as given, when it could not be found)."""
+
+    def __init__(self, vm: str, message: str):
+        super().__init__(f"VM {vm}: {message}")
+        self.vm = vm
+
+
+class Interrupted(BackupError):
+    """The backup was stopped (Ctrl-C, SIGTERM) and cleaned up as a failure is."""
 
 
 @dataclass
@@ -69,10 +80,17 @@ class _Base:
     reference_point: ReferencePoint
 
 
-def default_staging(vm: Vm) -> str:
+def reference_name(repo: Repository) -> str:
+    """What the checkpoints, and so the reference points, of backups into ``repo`` are called:
+    each repository keeps its own reference point of a VM."""
+    return f"hvbackup repository {repo.id}"
+
+
+def default_staging(vm: Vm, repo: Repository) -> str:
     """Beside the VM's own files on the host, which already hold the same data unencrypted; never
-    inside an (encrypted) repository."""
-    return os.path.join(vm.host.directory, STAGING_DIRECTORY, vm.vm_id)
+    inside an (encrypted) repository. One per repository, each the base of that repository's next
+    differential."""
+    return os.path.join(vm.host.directory, STAGING_DIRECTORY, vm.vm_id, repo.id)
 
 
 def find_base(repo: Repository, vm: Vm) -> _Base | None:
@@ -84,70 +102,123 @@ def find_base(repo: Repository, vm: Vm) -> _Base | None:
     return None
 
 
+def _failure(vm: str, exc: BaseException) -> BackupError:
+    """Any exception as this VM's failure, saying what went wrong (and where, for a file error)."""
+    if isinstance(exc, BackupError):
+        return exc
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return BackupError(vm, f"{exc.strerror or exc}{where}")
+    if isinstance(exc, HvBackupError):
+        return BackupError(vm, str(exc))
+    return BackupError(vm, f"{type(exc).__name__}: {exc}")
+
+
 def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool = False,
-              staging: str | None = None, progress: Progress | None = None) -> Result:
+              staging: str | None = None, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> Result:
     """Back up one VM into the session's repository and return what was stored. ``staging`` is
-    where the export method keeps the VM's exported disks (``default_staging``)."""
-    if method not in METHODS:
-        raise BackupError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    where the export method keeps the VM's exported disks (``default_staging``). Setting ``cancel``
+    stops the backup at the next chunk; it then cleans up as a failure does and raises Interrupted.
+    Every failure is a BackupError naming the VM."""
+    name = vm.vm_id
+    try:
+        name = vm.name
+        if method not in METHODS:
+            raise BackupError(name, f"unknown method {method!r} (one of {', '.join(METHODS)})")
+        with vm.exclusive("backed up"):
+            return _backup(session, vm, name, method, full, staging or default_staging(vm, session.repo), progress,
+                           cancel or threading.Event())
+    except Exception as exc:
+        raise _failure(name, exc) from exc
+
+
+def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, staging: str,
+            progress: Progress | None, cancel: threading.Event) -> Result:
     repo = session.repo
     started = time.time()
     base = None if full else find_base(repo, vm)
     notes = [] if base or full else ["no earlier restore point of this VM matches one of its reference points"]
     notes += _remove_stray_checkpoints(vm)
+    _check(cancel, name)
     checkpoint = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid(),
-                                    name=f"hvbackup {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                                    name=f"{reference_name(repo)} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     source = None
     try:
         base_ref = base.reference_point if base else None
         if method == "export":
-            source = ExportSource(vm, checkpoint, base_ref, staging or default_staging(vm))
+            source = ExportSource(vm, checkpoint, base_ref, staging, cancelled=cancel.is_set)
         else:
             source = VirtDiskSource(vm, checkpoint, base_ref)
         writer = session.writer()
-        incremental = _store_disks(writer, source, checkpoint, base, notes, vm.name, progress)
+        incremental = _store_disks(writer, source, checkpoint, base, notes, _Meter(name, progress), cancel)
+        _check(cancel, name)
         point = refpoints.convert_to_reference_point(vm, checkpoint.instance_id)
     except BaseException as exc:
         if source is not None:
             source.abandon()
         checkpoints.destroy(vm, checkpoint.instance_id)
-        if isinstance(exc, HvBackupError) and not isinstance(exc, BackupError):
-            raise BackupError(f"VM {vm.name}: {exc}") from exc
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)) or cancel.is_set():
+            raise Interrupted(name, "interrupted; its recovery checkpoint was removed, nothing was stored") from None
         raise
     kind = "incremental" if incremental else "full"
     try:
         point_id = writer.commit({
-            "vm_name": vm.name, "vm_id": vm.vm_id, "vm_config": checkpoint.config,
+            "vm_name": name, "vm_id": vm.vm_id, "vm_config": checkpoint.config,
             "reference_point": point.instance_id, "rct_ids": point.resilient_change_tracking_identifiers,
             "consistency": point.consistency_level, "method": method, "kind": kind, "notes": notes,
             "started": started,
         })
-    except HvBackupError as exc:
+    except HvBackupError:
         # The checkpoint is a reference point by now; no restore point names it, so the next run still
         # builds on the old one and removes this one after it succeeds.
         source.abandon()
-        raise BackupError(f"VM {vm.name}: {exc}") from exc
+        raise
     source.finish()
     if method != "export":
         # A staged export only serves as the parent of the next differential of its reference point.
-        shutil.rmtree(staging or default_staging(vm), ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     for older in vm.reference_points():
-        if older.instance_id != point.instance_id:
+        if older.instance_id != point.instance_id and _ours(older, repo, base):
             refpoints.destroy_reference_point(vm, older.instance_id)
-    return Result(point_id, vm.name, kind, method, writer.bytes_read, writer.bytes_stored, time.time() - started,
+    return Result(point_id, name, kind, method, writer.bytes_read, writer.bytes_stored, time.time() - started,
                   base.point["point_id"] if incremental else None, point.instance_id, notes)
+
+
+def _ours(point: ReferencePoint, repo: Repository, base: _Base | None) -> bool:
+    """A reference point an earlier backup into this repository left: named for it, or its base."""
+    if base is not None and point.instance_id == base.reference_point.instance_id:
+        return True
+    return (point.element_name or "").startswith(reference_name(repo))
+
+
+def _check(cancel: threading.Event, name: str) -> None:
+    if cancel.is_set():
+        raise Interrupted(name, "interrupted; nothing was stored")
 
 
 def backup_vms(session: Session, vms: list[Vm], *, method: str = "virtdisk", full: bool = False,
                staging: str | None = None, progress: Progress | None = None) -> list[Result | BackupError]:
     """Back several VMs up at once, one thread each, into one session; a VM that fails does not stop
-    the others. Per VM, in order: its Result, or the BackupError that says why it failed."""
+    the others. Per VM, in order: its Result, or the BackupError that says why it failed. ``staging``
+    is a root under which each VM's exports go (``<root>/<VM ID>/<repository ID>``).
+
+    Ctrl-C (KeyboardInterrupt in the calling thread) stops every backup still running; each cleans up
+    as a failure does and is reported as Interrupted."""
+    cancel = threading.Event()
+
     def one(vm: Vm) -> Result:
-        where = os.path.join(staging, vm.vm_id) if staging else None
-        return backup_vm(session, vm, method=method, full=full, staging=where, progress=progress)
+        where = os.path.join(staging, vm.vm_id, session.repo.id) if staging else None
+        return backup_vm(session, vm, method=method, full=full, staging=where, progress=progress, cancel=cancel)
 
     with ThreadPoolExecutor(max_workers=max(1, len(vms))) as pool:
         futures = [pool.submit(one, vm) for vm in vms]
+        while True:
+            try:
+                wait(futures)
+                break
+            except KeyboardInterrupt:
+                cancel.set()  # and wait again: the backups are cleaning up
     outcomes: list[Result | BackupError] = []
     for future in futures:
         try:
@@ -168,42 +239,50 @@ def _remove_stray_checkpoints(vm: Vm) -> list[str]:
     return removed
 
 
-def _store_disks(writer: Writer, source, checkpoint, base: _Base | None, notes: list[str], vm_name: str,
-                 progress: Progress | None) -> bool:
-    """Put every disk's chunks; True when at least one disk was read incrementally."""
+def _store_disks(writer: Writer, source, checkpoint, base: _Base | None, notes: list[str], meter: _Meter,
+                 cancel: threading.Event) -> bool:
+    """Put every disk's changed chunks; True when at least one disk was read incrementally."""
     chunk = writer.repo.chunk_size
-    plans = []
-    for index, disk in enumerate(checkpoint.disks):
-        reader = source.open_disk(index)
-        try:
-            previous = _base_disk(base, disk.instance_id, reader.geometry["virtual_size"]) if base else None
-            to_read = None
+    plans: list[tuple[DiskReader, list[int]]] = []
+    incremental = False
+    try:
+        for index, disk in enumerate(checkpoint.disks):
+            reader = source.open_disk(index)
+            plans.append((reader, []))
+            size = reader.geometry["virtual_size"]
+            previous = _base_index(base, disk.instance_id, size) if base else None
+            slots = None
             if previous is not None:
                 try:
-                    to_read = reader.changed_chunks(chunk)
+                    slots = reader.changed_chunks(chunk)
                 except NeedsFull as exc:
                     notes.append(f"disk {index}: read in full: {exc}")
             elif base is not None:
                 notes.append(f"disk {index}: read in full: the base restore point has no such disk")
-            if to_read is None:
-                to_read, previous = reader.data_chunks(chunk), None
-        except BaseException:
-            reader.close()
-            raise
-        plans.append((reader, to_read, previous))
-    meter = _Meter(vm_name, sum(len(p[1]) for p in plans) * chunk, progress)
-    try:
-        for index, (reader, to_read, previous) in enumerate(plans):
-            writer.add_disk(index, reader.geometry)
-            _store_disk(writer, index, reader, to_read, previous, meter)
+            if slots is None:
+                slots, previous = reader.data_chunks(chunk), None
+            incremental |= previous is not None
+            lost = writer.add_disk(index, reader.geometry, previous)
+            if lost:
+                notes.append(f"disk {index}: {len(lost)} chunks of the base point are missing or damaged in the "
+                             f"repository; read again from the disk")
+                slots = sorted(set(slots).union(lost))
+            plans[-1] = (reader, slots)
+        meter.total = sum(_bytes(slots, chunk, r.geometry["virtual_size"]) for r, slots in plans)
+        for index, (reader, slots) in enumerate(plans):
+            _store_disk(writer, index, reader, slots, meter, cancel)
     finally:
-        for reader, _, _ in plans:
+        for reader, _ in plans:
             reader.close()
-    return any(previous is not None for _, _, previous in plans)
+    return incremental
 
 
-def _base_disk(base: _Base, disk_id: str, size: int) -> list | None:
-    """The base point's chunk list of this disk, if it has the disk at this size."""
+def _bytes(slots: list[int], chunk: int, size: int) -> int:
+    return sum(min(chunk, size - slot * chunk) for slot in slots)
+
+
+def _base_index(base: _Base, disk_id: str, size: int) -> ChunkIndex | None:
+    """The base point's chunk index of this disk, if it has the disk at this size."""
     ids = [d.get("instance_id") for d in base.point.get("vm_config", {}).get("disks", [])]
     for disk, instance_id in zip(base.point["disks"], ids):
         if instance_id == disk_id and disk["geometry"]["virtual_size"] == size:
@@ -212,9 +291,9 @@ def _base_disk(base: _Base, disk_id: str, size: int) -> list | None:
 
 
 class _Meter:
-    def __init__(self, vm_name: str, total: int, progress: Progress | None):
-        self.vm_name, self.total, self.progress = vm_name, total, progress
-        self.done = 0
+    def __init__(self, vm_name: str, progress: Progress | None):
+        self.vm_name, self.progress = vm_name, progress
+        self.total = self.done = 0
         self._lock = threading.Lock()
 
     def add(self, count: int) -> None:
@@ -224,17 +303,14 @@ class _Meter:
                 self.progress(self.vm_name, self.done, self.total)
 
 
-def _store_disk(writer: Writer, index: int, reader: DiskReader, to_read: list[int], previous: list | None,
-                meter: _Meter) -> None:
+def _store_disk(writer: Writer, index: int, reader: DiskReader, slots: list[int], meter: _Meter,
+                cancel: threading.Event) -> None:
     """Read the listed chunks in worker threads (reads, hashing and zstd release the GIL), a few
-    ahead; every other chunk is the base's, or zeros in a full backup."""
+    ahead; every other slot is the base's, or zeros in a full backup."""
     chunk, size = writer.repo.chunk_size, reader.geometry["virtual_size"]
-    wanted = set(to_read)
-    for slot in range(-(-size // chunk)):
-        if slot not in wanted:
-            writer.reuse(index, slot * chunk, previous[slot] if previous is not None else None)
 
     def put(slot: int) -> None:
+        _check(cancel, meter.vm_name)
         offset = slot * chunk
         length = min(chunk, size - offset)
         writer.put(index, offset, reader.read(offset, length))
@@ -242,9 +318,14 @@ def _store_disk(writer: Writer, index: int, reader: DiskReader, to_read: list[in
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
         pending = []
-        for slot in to_read:
-            pending.append(pool.submit(put, slot))
-            if len(pending) >= READ_AHEAD:
-                pending.pop(0).result()
-        for future in pending:
-            future.result()
+        try:
+            for slot in slots:
+                pending.append(pool.submit(put, slot))
+                if len(pending) >= READ_AHEAD:
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise

@@ -62,6 +62,23 @@ def read_bounded(path: str, max_size: int, what: str) -> bytes:
         return f.read(max_size + 1)
 
 
+def looks_complete(path: str) -> bool:
+    """The file is there and its frame header declares exactly its length: what a finished write
+    leaves. A torn file (storage that lost a write) or a foreign file does not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        header, size = os.pread(fd, HEADER.size, 0), os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if len(header) < HEADER.size:
+        return False
+    _, version, _, _, length = HEADER.unpack(header)
+    return version == VERSION and HEADER.size + length + CHECKSUM_SIZE == size
+
+
 def write_durable(tmp_dir: str, final_path: str, data: bytes) -> None:
     """Write ``data`` to a new file in ``tmp_dir``, fsync it and rename it to ``final_path``: the
     destination is either absent or complete. The caller fsyncs the destination directory."""

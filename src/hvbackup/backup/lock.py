@@ -8,7 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from hvbackup.errors import RepositoryLockedError
+from hvbackup.errors import RepositoryError, RepositoryLockedError
 
 
 class RepositoryLock:
@@ -17,15 +17,21 @@ class RepositoryLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RepositoryLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RepositoryError(f"cannot take the repository lock {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise RepositoryLockedError(f"repository is locked by another writer (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)  # only for the refusal message above
+        try:  # only for the refusal message above; a full disk must not stop the holder
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
         return self
 

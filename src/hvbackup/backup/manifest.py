@@ -1,6 +1,8 @@
 """Manifests (restore points): ``points/<point ID>``, a framed, zstd-compressed (and optionally
-encrypted) JSON document that lists every disk's chunks in order. Each one is a full backup by
-reference: reading a point never needs another point."""
+encrypted) JSON document that gives every disk's chunk index. Each one is a full backup by
+reference: reading a point never needs another point.
+
+Decoded, a manifest is a dict as stored, except that each disk's ``chunks`` is a ``ChunkIndex``."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import re
 import zstandard
 
 from hvbackup.backup import envelope
-from hvbackup.backup.chunks import NAME, decompress
+from hvbackup.backup.chunks import decompress
 from hvbackup.backup.crypto import OVERHEAD, Keys
+from hvbackup.backup.index import ChunkIndex
 from hvbackup.errors import RepositoryCorruptError, RepositoryError
 
 MAGIC = b"HVBKMANI"
 MAX_STORED = 256 << 20
-MAX_JSON = 1 << 30  # about 15 TiB of disk per point at 1 MiB chunks, 60 TiB at 4 MiB
+MAX_JSON = 1 << 30  # about 15 TiB of data per point at 1 MiB chunks (zero runs take a few bytes)
 POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")  # UTC time to the microsecond, random
 # What the caller describes; the writer adds point_id, repository_id, chunk_size, disks and sizes.
 CALLER_FIELDS = {
@@ -31,7 +34,8 @@ def chunk_count(virtual_size: int, chunk_size: int) -> int:
 
 
 def encode(manifest: dict, keys: Keys | None) -> bytes:
-    payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(manifest, separators=(",", ":")).encode())
+    stored = {**manifest, "disks": [{**d, "chunks": d["chunks"].to_json()} for d in manifest["disks"]]}
+    payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(stored, separators=(",", ":")).encode())
     flags = envelope.FLAG_COMPRESSED
     if keys:
         flags |= envelope.FLAG_ENCRYPTED
@@ -56,7 +60,8 @@ def decode(stored: bytes, point_id: str, keys: Keys | None, repository_id: str, 
 
 
 def validate(m, what: str, point_id: str, repository_id: str, chunk_size: int) -> None:
-    """The structure readers rely on; any deviation is corruption, not something to guess around."""
+    """The structure readers rely on; any deviation is corruption, not something to guess around.
+    Each disk's chunk list becomes its ``ChunkIndex``."""
     def require(condition, message):
         if not condition:
             raise RepositoryCorruptError(f"{what}: {message}")
@@ -73,11 +78,7 @@ def validate(m, what: str, point_id: str, repository_id: str, chunk_size: int) -
                 f"disk {i} has a malformed geometry")
         size = geometry["virtual_size"]
         require(size >= 0, f"disk {i} has a negative size")
-        chunks = disk.get("chunks")
-        require(isinstance(chunks, list) and len(chunks) == chunk_count(size, chunk_size),
-                f"disk {i}'s chunk list does not cover its size")
-        require(all(c is None or (isinstance(c, str) and NAME.match(c)) for c in chunks),
-                f"disk {i} lists a malformed chunk name")
+        disk["chunks"] = ChunkIndex.from_json(disk.get("chunks"), chunk_count(size, chunk_size), f"{what} disk {i}")
 
 
 def caller_fields(fields: dict) -> dict:

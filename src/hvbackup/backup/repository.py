@@ -1,26 +1,30 @@
 """A local, deduplicating, crash-safe store of restore points (format: docs/repository.md).
 
 ``Repository.init`` / ``Repository.open``; ``repo.writer()`` stores one restore point under the lock
-(``repo.session()`` several at once);
-``points``, ``point``, ``read_disk`` read; ``forget`` drops a manifest, ``prune`` the chunks no manifest
-references; ``verify`` lists problems.
+(``repo.session()`` several at once, ``backup/writer.py``); ``scan``, ``points``, ``point`` and
+``read_disk`` read; ``forget`` drops a manifest; ``prune`` deletes the chunks no manifest references;
+``verify`` lists problems and ``repair`` sets damage aside (``backup/checking.py``).
+
+Damage stays where it is: a manifest that fails its checks is listed as damaged by ``scan`` and
+every other point works as before; a chunk that is missing is stored again by the next backup that
+has its data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-import threading
-import time
+import shutil
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
-
 from hvbackup.backup import envelope, manifest
-from hvbackup.backup.chunks import NAME, ChunkCodec, chunk_dirs, chunk_path, max_payload
+from hvbackup.backup.chunks import ChunkCodec, chunk_dirs, chunk_path, max_payload
 from hvbackup.backup.crypto import Keys
 from hvbackup.backup.lock import RepositoryLock
+from hvbackup.backup.writer import Session, SingleWriter
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import PassphraseNeededError, RepositoryCorruptError, RepositoryError
 
@@ -29,12 +33,37 @@ MAX_CONFIG = 64 << 10
 DEFAULT_CHUNK_SIZE = 1 << 20  # measured: docs/benchmarks.md, "Chunk size"
 GRANULE = 64 << 10  # change tracking's block: chunks must be whole multiples of it
 MAX_CHUNK_SIZE = 64 << 20
-_UNSET = object()
+# Directories of the layout; copy tools drop empty ones, so readers take a missing one as empty and
+# every lock holder recreates them.
+LAYOUT = ("tmp", "points", "chunks")
+DAMAGED = "damaged"  # where repair sets aside what failed its checks (docs/repository.md, "Repair")
 
 
 def _binding(repository_id: str, chunk_size: int) -> bytes:
     """What the wrapped master key is bound to, so a config edited to another ID or chunk size fails to unlock."""
     return f"hvbackup-key:{repository_id}:{chunk_size}".encode()
+
+
+def check_passphrase(passphrase: str | None) -> None:
+    if passphrase is not None and not passphrase:
+        raise RepositoryError("the passphrase is empty: an encrypted repository needs a real one")
+
+
+@dataclass
+class Damaged:
+    """An entry of ``points/`` that is not a readable restore point."""
+
+    name: str
+    problem: str
+
+    def to_dict(self) -> dict:
+        return {"point_id": self.name, "damaged": self.problem}
+
+
+@dataclass
+class Scan:
+    points: list[dict]        # summaries of the readable points, oldest first (no chunk indexes)
+    damaged: list[Damaged]    # the rest of points/, by name
 
 
 class Repository:
@@ -50,8 +79,10 @@ class Repository:
 
     @classmethod
     def init(cls, path: str, *, passphrase: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Repository":
+        path = os.fspath(path)
         if not (GRANULE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size % GRANULE == 0):
             raise RepositoryError(f"chunk size {chunk_size} must be a multiple of 64 KiB up to 64 MiB")
+        check_passphrase(passphrase)
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise RepositoryError(f"{path} exists and is not an empty directory")
         repository_id = secrets.token_hex(16)
@@ -60,21 +91,24 @@ class Repository:
         keys = None
         if passphrase is not None:
             keys, config["encryption"] = Keys.create(passphrase, _binding(repository_id, chunk_size))
+        repo = cls(path, config, keys)
         try:
-            for directory in (*(os.path.join(path, sub) for sub in ("tmp", "points", "chunks")), *chunk_dirs(path)):
-                os.makedirs(directory, exist_ok=True)
-            for d in (*chunk_dirs(path), os.path.join(path, "chunks"), path):
-                sync_directory(d)
+            repo.ensure_layout()
             # The config goes last: a directory without one is an unfinished init, not a repository.
             data = envelope.frame(CONFIG_MAGIC, 0, json.dumps(config, indent=1).encode())
-            envelope.write_durable(os.path.join(path, "tmp"), os.path.join(path, "config"), data)
+            envelope.write_durable(repo._sub("tmp"), repo._sub("config"), data)
             sync_directory(path)
         except OSError as exc:
             raise RepositoryError(f"cannot create repository at {path}: {exc.strerror}") from None
-        return cls(path, config, keys)
+        return repo
 
     @classmethod
     def open(cls, path: str, *, passphrase: str | None = None) -> "Repository":
+        path = os.fspath(path)
+        check_passphrase(passphrase)
+        if not os.path.isdir(path):
+            why = "not a directory" if os.path.exists(path) else "no such directory"
+            raise RepositoryError(f"{path} is not a repository: {why}")
         try:
             data = envelope.read_bounded(os.path.join(path, "config"), MAX_CONFIG, "config")
         except FileNotFoundError:
@@ -101,33 +135,78 @@ class Repository:
             keys = Keys.unlock(passphrase, config["encryption"], _binding(config["id"], size))
         return cls(path, config, keys)
 
+    @contextlib.contextmanager
+    def locked(self, doing: str) -> Iterator[None]:
+        """Hold the writer lock, with the layout whole and tmp/ cleared: only a dead holder of the
+        lock can have left anything there. ``doing`` completes "cannot … REPO" in an error."""
+        with RepositoryLock(self._sub("lock")):
+            try:
+                self.ensure_layout()
+                envelope.clear_dir(self._sub("tmp"))
+            except OSError as exc:
+                raise RepositoryError(f"cannot {doing} {self.path}: {exc.strerror}: {exc.filename}") from None
+            yield
+
+    def ensure_layout(self) -> None:
+        """Recreate any directory of the layout that is missing (a lock holder's job)."""
+        created = []
+        for directory in (*(self._sub(d) for d in LAYOUT), *chunk_dirs(self.path)):
+            if not os.path.isdir(directory):
+                os.makedirs(directory, exist_ok=True)
+                created.append(directory)
+        for directory in {os.path.dirname(d) for d in created}:
+            sync_directory(directory)
+
     # -- reading
 
     def _sub(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
+    def _point_entries(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self._sub("points")))
+        except FileNotFoundError:
+            return []
+
     def point_ids(self) -> list[str]:
-        return sorted(n for n in os.listdir(self._sub("points")) if manifest.POINT_ID.match(n))
+        """The names in points/ that are point IDs, readable or not."""
+        return [n for n in self._point_entries() if manifest.POINT_ID.match(n)]
 
     def point(self, point_id: str) -> dict:
         """The full manifest of one restore point, checked."""
         if not manifest.POINT_ID.match(point_id):
             raise RepositoryError(f"{point_id!r} is not a point ID")
+        path = self._sub("points", point_id)
         try:
-            data = envelope.read_bounded(self._sub("points", point_id), manifest.MAX_STORED, f"point {point_id}")
+            data = envelope.read_bounded(path, manifest.MAX_STORED, f"point {point_id}")
         except FileNotFoundError:
             raise RepositoryError(f"no restore point {point_id}") from None
+        except OSError as exc:
+            raise RepositoryCorruptError(f"point {point_id}: cannot be read: {exc.strerror}") from None
         return manifest.decode(data, point_id, self._keys, self.id, self.chunk_size)
 
-    def points(self) -> list[dict]:
-        """Every restore point, oldest first, without the chunk lists; a damaged manifest raises."""
-        summaries = []
-        for point_id in self.point_ids():
-            m = self.point(point_id)
+    def scan(self) -> Scan:
+        """Every entry of points/: the readable points' summaries, oldest first, and the damaged ones."""
+        found = Scan([], [])
+        for name in self._point_entries():
+            if not manifest.POINT_ID.match(name):
+                found.damaged.append(Damaged(name, "not a restore point (an unexpected name in points/)"))
+                continue
+            try:
+                m = self.point(name)
+            except RepositoryCorruptError as exc:
+                found.damaged.append(Damaged(name, str(exc)))
+                continue
+            except RepositoryError:
+                continue  # forgotten while we looked
             for disk in m["disks"]:
                 del disk["chunks"]
-            summaries.append(m)
-        return summaries
+            found.points.append(m)
+        return found
+
+    def points(self) -> list[dict]:
+        """The readable restore points, oldest first, without their chunk indexes."""
+        return self.scan().points
 
     def read_chunk(self, name_hex: str) -> bytes:
         """One chunk's plaintext, checked against its name."""
@@ -136,6 +215,8 @@ class Repository:
             stored = envelope.read_bounded(path, max_payload(self.chunk_size) + 64, f"chunk {name_hex}")
         except FileNotFoundError:
             raise RepositoryCorruptError(f"chunk {name_hex} is missing") from None
+        except OSError as exc:
+            raise RepositoryCorruptError(f"chunk {name_hex} cannot be read: {exc.strerror}") from None
         return self.codec.decode(bytes.fromhex(name_hex), stored)
 
     def read_disk(self, point_id: str, index: int, *, zeros: bool = True) -> Iterator[tuple[int, bytes]]:
@@ -146,12 +227,13 @@ class Repository:
             raise RepositoryError(f"point {point_id} has no disk {index}")
         size = disks[index]["geometry"]["virtual_size"]
         zero = bytes(self.chunk_size)
-        for i, name in enumerate(disks[index]["chunks"]):
-            offset = i * self.chunk_size
+        stored = dict(disks[index]["chunks"].items())
+        for slot in range(disks[index]["chunks"].count) if zeros else stored:
+            offset = slot * self.chunk_size
             length = min(self.chunk_size, size - offset)
+            name = stored.get(slot)
             if name is None:
-                if zeros:
-                    yield offset, zero[:length]
+                yield offset, zero[:length]
                 continue
             data = self.read_chunk(name)
             if len(data) != length:
@@ -160,258 +242,43 @@ class Repository:
 
     # -- writing
 
-    def writer(self) -> "_SingleWriter":
+    def writer(self) -> SingleWriter:
         """``with repo.writer() as w``: the lock, and a writer for one restore point."""
-        return _SingleWriter(self)
+        return SingleWriter(self)
 
-    def session(self) -> "Session":
+    def session(self) -> Session:
         """``with repo.session() as s``: the lock, and ``s.writer()`` for each of several restore points."""
         return Session(self)
 
     def forget(self, point_id: str) -> None:
-        """Remove a restore point's manifest; its chunks stay until ``prune``."""
-        if not manifest.POINT_ID.match(point_id):
+        """Remove a restore point's manifest, readable or damaged (or whatever else ``scan`` lists as
+        a damaged entry of points/); its chunks stay until ``prune``."""
+        if not point_id or "/" in point_id or point_id in (".", ".."):
             raise RepositoryError(f"{point_id!r} is not a point ID")
+        path = self._sub("points", point_id)
         try:
-            os.unlink(self._sub("points", point_id))
+            os.unlink(path)
         except FileNotFoundError:
             raise RepositoryError(f"no restore point {point_id}") from None
+        except IsADirectoryError:
+            shutil.rmtree(path)  # junk under a point's name
+        except OSError as exc:
+            raise RepositoryError(f"cannot forget {point_id}: {exc.strerror}") from None
         sync_directory(self._sub("points"))
 
-    def referenced(self, *, strict: bool, prefix: bool = False) -> np.ndarray:
-        """The sorted, unique chunk names the manifests reference: full 32-byte names ('S32'), or their
-        first 8 bytes as uint64 with ``prefix``. Memory is one array entry per distinct chunk.
-        ``strict`` raises on a damaged manifest; otherwise its chunks are left out."""
-        dtype = np.dtype(">u8") if prefix else np.dtype("S32")
-        found, pending, pending_count = np.empty(0, dtype), [], 0
-        for point_id in self.point_ids():
-            try:
-                m = self.point(point_id)
-            except RepositoryError:
-                if strict and os.path.exists(self._sub("points", point_id)):  # else forgotten meanwhile
-                    raise
-                continue
-            names = b"".join(bytes.fromhex(c) for d in m["disks"] for c in d["chunks"] if c is not None)
-            arr = np.frombuffer(names, np.dtype("S32"))
-            pending.append(np.frombuffer(arr.tobytes(), ">u8")[::4].copy() if prefix else arr)
-            pending_count += len(arr)
-            if pending_count > 1 << 20:  # merge now and then so duplicates never pile up
-                found, pending, pending_count = np.unique(np.concatenate([found, *pending])), [], 0
-        return np.unique(np.concatenate([found, *pending]))
+    # checking.py builds on this class, hence the imports in the methods below.
 
     def prune(self, progress: Callable[[int, int], None] | None = None) -> dict:
-        """Delete every chunk no manifest references. Under the lock; refuses while any manifest is
-        damaged (its chunks might be needed). Memory: 8 bytes per distinct referenced chunk.
-        ``progress(done, total)`` counts the 256 chunk directories swept."""
-        with RepositoryLock(self._sub("lock")):
-            envelope.clear_dir(self._sub("tmp"))
-            keep = self.referenced(strict=True, prefix=True)
-            deleted = freed = kept = 0
-            directories = chunk_dirs(self.path)
-            for done, directory in enumerate(directories, 1):
-                for entry in os.scandir(directory):
-                    if not NAME.match(entry.name):
-                        continue
-                    # A prefix match keeps the chunk: a rare collision costs space, never data.
-                    key = np.array([int(entry.name[:16], 16)], ">u8")
-                    at = np.searchsorted(keep, key)[0]
-                    if at < len(keep) and keep[at] == key[0]:
-                        kept += 1
-                        continue
-                    freed += entry.stat().st_size
-                    os.unlink(entry.path)
-                    deleted += 1
-                if progress:
-                    progress(done, len(directories))
-        return {"chunks_deleted": deleted, "bytes_freed": freed, "chunks_kept": kept}
+        from hvbackup.backup.checking import prune
+
+        return prune(self, progress)
 
     def verify(self, read_data: bool = False, progress: Callable[[int, int], None] | None = None) -> list[str]:
-        """Problems found: damaged manifests, missing chunks and, with ``read_data``, referenced chunks
-        that fail to authenticate, decompress or hash to their name. An empty list means sound.
-        ``progress(done, total)`` counts the chunks read."""
-        problems = []
-        for point_id in self.point_ids():
-            try:
-                m = self.point(point_id)
-            except RepositoryError as exc:
-                problems.append(str(exc))
-                continue
-            for disk in m["disks"]:
-                for name in sorted({c for c in disk["chunks"] if c is not None}):
-                    if not os.path.isfile(chunk_path(self.path, name)):
-                        problems.append(f"point {point_id} disk {disk['index']}: chunk {name} is missing")
-        if read_data:
-            names = self.referenced(strict=False)
-            for done, raw in enumerate(names, 1):
-                if progress:
-                    progress(done, len(names))
-                name = raw.ljust(32, b"\0").hex()
-                if os.path.isfile(chunk_path(self.path, name)):
-                    try:
-                        self.read_chunk(name)
-                    except RepositoryError as exc:
-                        problems.append(str(exc))
-        return problems
+        from hvbackup.backup.checking import verify
 
+        return verify(self, read_data=read_data, progress=progress).problems
 
-class Session:
-    """Holds the repository lock and what its writers share: which chunks are already stored.
-    ``session.writer()`` gives one ``Writer`` per restore point; several may fill at once (one per VM
-    backed up concurrently), each committing on its own."""
+    def repair(self, progress: Callable[[int, int], None] | None = None):
+        from hvbackup.backup.checking import repair
 
-    def __init__(self, repo: Repository):
-        self.repo = repo
-        self._lock = RepositoryLock(repo._sub("lock"))
-        self._mutex = threading.Lock()
-        self._written: set[bytes] = set()
-        self._durable = np.empty(0, "S32")
-        self._dirty_dirs: set[str] = set()
-        self.open = False
-
-    def __enter__(self) -> "Session":
-        self._lock.__enter__()
-        try:
-            envelope.clear_dir(self.repo._sub("tmp"))
-            # Only chunks a committed manifest references are known complete; anything else is rewritten.
-            self._durable = self.repo.referenced(strict=False)
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
-        self.open = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.open = False  # no puts after the lock is gone
-        self._lock.__exit__(*exc)
-
-    def writer(self) -> "Writer":
-        return Writer(self)
-
-    def is_stored(self, name: bytes) -> bool:
-        if name in self._written:
-            return True
-        at = np.searchsorted(self._durable, np.array([name], "S32"))[0]
-        # 'S32' items drop trailing NUL bytes when read back; pad them again before comparing.
-        return at < len(self._durable) and self._durable[at].ljust(32, b"\0") == name
-
-    def store(self, name: bytes, data) -> int:
-        """Write one chunk unless it is stored already; returns the bytes it took."""
-        if self.is_stored(name):
-            return 0
-        stored = self.repo.codec.encode(name, data)
-        path = chunk_path(self.repo.path, name.hex())
-        try:
-            envelope.write_durable(self.repo._sub("tmp"), path, stored)
-        except OSError as exc:
-            raise RepositoryError(f"cannot store chunk {name.hex()}: {exc.strerror}") from None
-        with self._mutex:
-            self._written.add(name)
-            self._dirty_dirs.add(os.path.dirname(path))
-        return len(stored)
-
-    def sync_chunks(self) -> None:
-        """Chunk files were fsynced before their rename; this makes their directory entries durable."""
-        with self._mutex:
-            dirty, self._dirty_dirs = sorted(self._dirty_dirs), set()
-        for directory in dirty:
-            sync_directory(directory)
-
-
-class _SingleWriter:
-    """``repo.writer()``: a session holding one writer, for the common case of one restore point."""
-
-    def __init__(self, repo: Repository):
-        self._session = Session(repo)
-
-    def __enter__(self) -> "Writer":
-        self._session.__enter__()
-        return self._session.writer()
-
-    def __exit__(self, *exc) -> None:
-        self._session.__exit__(*exc)
-
-
-class Writer:
-    """Stores one restore point: ``add_disk``, then ``put``/``reuse`` every chunk, then ``commit``.
-    Usable while its session holds the lock; nothing is visible before commit."""
-
-    def __init__(self, session: Session):
-        self.repo = session.repo
-        self._session = session
-        self._mutex = threading.Lock()
-        self._disks: dict[int, tuple[dict, list]] = {}
-        self._committed = False
-        self.bytes_read = self.bytes_stored = 0
-
-    def _check_open(self) -> None:
-        if self._committed or not self._session.open:
-            raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
-
-    def add_disk(self, index: int, geometry: dict) -> None:
-        if index != len(self._disks):
-            raise RepositoryError(f"disks are added in order: expected disk {len(self._disks)}, got {index}")
-        geometry = manifest.check_geometry(index, geometry)
-        count = manifest.chunk_count(geometry["virtual_size"], self.repo.chunk_size)
-        self._disks[index] = (geometry, [_UNSET] * count)
-
-    def _slot(self, disk_index: int, offset: int) -> tuple[int, int]:
-        self._check_open()
-        if disk_index not in self._disks:
-            raise RepositoryError(f"no disk {disk_index} (add_disk first)")
-        geometry, slots = self._disks[disk_index]
-        size, chunk = geometry["virtual_size"], self.repo.chunk_size
-        if offset % chunk or not 0 <= offset < size:
-            raise RepositoryError(f"offset {offset} is not a chunk boundary inside disk {disk_index}")
-        return offset // chunk, min(chunk, size - offset)
-
-    def put(self, disk_index: int, offset: int, data) -> str | None:
-        """Store the chunk at ``offset`` (a whole chunk, or the disk's tail); returns its name, None for zeros."""
-        slot, length = self._slot(disk_index, offset)
-        if len(data) != length:
-            raise RepositoryError(f"disk {disk_index} offset {offset}: {len(data)} bytes given, {length} expected")
-        ref, stored = None, 0
-        if np.frombuffer(data, np.uint8).any():
-            name = self.repo.codec.name(data)
-            ref = name.hex()
-            stored = self._session.store(name, data)
-        with self._mutex:
-            self._disks[disk_index][1][slot] = ref
-            self.bytes_read += len(data)
-            self.bytes_stored += stored
-        return ref
-
-    def reuse(self, disk_index: int, offset: int, chunk_ref: str | None) -> None:
-        """Take an unchanged chunk from an earlier point (``chunk_ref`` from its manifest; None is zeros)."""
-        slot, _ = self._slot(disk_index, offset)
-        if chunk_ref is not None and not (isinstance(chunk_ref, str) and NAME.match(chunk_ref)
-                                          and self._session.is_stored(bytes.fromhex(chunk_ref))):
-            raise RepositoryError(f"chunk {chunk_ref!r} is not in any committed point of this repository")
-        with self._mutex:
-            self._disks[disk_index][1][slot] = chunk_ref
-
-    def commit(self, fields: dict | None = None) -> str:
-        """Make every new chunk durable, then write the manifest atomically; returns the point ID."""
-        fields = manifest.caller_fields(fields or {})
-        for index, (_, slots) in self._disks.items():
-            if _UNSET in slots:
-                missing = slots.index(_UNSET) * self.repo.chunk_size
-                raise RepositoryError(f"disk {index}: the chunk at offset {missing} was never put")
-        self._check_open()
-        now = time.time()
-        # Sortable by time, so listing points in name order lists them oldest first.
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
-        point_id = f"{stamp}.{int(now % 1 * 1e6):06d}Z-{secrets.token_hex(4)}"
-        doc = {"point_id": point_id, "repository_id": self.repo.id, "chunk_size": self.repo.chunk_size,
-               **fields, "ended": fields["ended"] or now, "bytes_read": self.bytes_read,
-               "bytes_stored": self.bytes_stored,
-               "disks": [{"index": i, "geometry": g, "chunks": s} for i, (g, s) in sorted(self._disks.items())]}
-        try:
-            # The chunks' directory entries become durable before the manifest that references them exists.
-            self._session.sync_chunks()
-            envelope.write_durable(self.repo._sub("tmp"), self.repo._sub("points", point_id),
-                                   manifest.encode(doc, self.repo._keys))
-            sync_directory(self.repo._sub("points"))
-        except OSError as exc:
-            raise RepositoryError(f"cannot commit the restore point: {exc.strerror}") from None
-        self._committed = True
-        return point_id
+        return repair(self, progress=progress)

@@ -18,10 +18,9 @@ from hvbackup.backup.repository import Repository
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import RepositoryError
 from hvbackup.host import Host
-from hvbackup.host.model import DiskAttachment, VmConfig, disk_instance_id, new_id
+from hvbackup.host.model import DiskAttachment, VmConfig, check_vm_name, disk_instance_id, new_id
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
 
-FORMATS = ("vhdx", "raw")
 READ_AHEAD = 6
 WRITEBACK = 64 << 20
 Progress = Callable[[int, int], None]
@@ -29,10 +28,9 @@ Progress = Callable[[int, int], None]
 
 def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, format: str | None = None,
                  progress: Progress | None = None) -> dict:
-    """Write disk ``index`` of the point to ``target`` (a new file), as VHDX (dynamic) or raw."""
-    format = format or ("raw" if target.endswith((".raw", ".img")) else "vhdx")
-    if format not in FORMATS:
-        raise RepositoryError(f"cannot restore to format {format!r} (one of {', '.join(FORMATS)})")
+    """Write disk ``index`` of the point to ``target`` (a new file), as a dynamic VHDX or VHD, or raw:
+    ``format``, or the one the target's suffix names (``disks.format_for_path``)."""
+    format = disks.format_for_path(target, format)
     if os.path.lexists(target):
         raise RepositoryError(f"{target} already exists: restore to a new file")
     point = repo.point(point_id)
@@ -62,25 +60,27 @@ def _remove_leftovers(directory: str, name: str) -> None:
 
 
 def _stored_bytes(disk: dict, chunk: int) -> int:
-    size = disk["geometry"]["virtual_size"]
-    return sum(min(chunk, size - slot * chunk) for slot, name in enumerate(disk["chunks"]) if name is not None)
+    index, size = disk["chunks"], disk["geometry"]["virtual_size"]
+    # Every stored slot is a whole chunk except, perhaps, the tail.
+    tail = index.data_slots and index.slots[-1] == index.count - 1
+    return index.data_slots * chunk - (chunk * index.count - size if tail else 0)
 
 
 def _write_disk(repo: Repository, point: dict, index: int, path: str, format: str,
                 progress: Progress | None) -> int:
     """Only stored chunks are written: a new disk reads as zeros. Each worker thread fetches,
-    checks and writes its own chunks, so the copying into the file runs on every core; a VHDX's
-    writes take turns (they may allocate blocks), a raw file's need not."""
+    checks and writes its own chunks, so the copying into the file runs on every core; a VHDX's or
+    VHD's writes take turns (they may allocate blocks), a raw file's need not."""
     disk = point["disks"][index]
     geometry, size = disk["geometry"], disk["geometry"]["virtual_size"]
     chunk = repo.chunk_size
-    stored = [(slot * chunk, name) for slot, name in enumerate(disk["chunks"]) if name is not None]
+    stored = ((slot * chunk, name) for slot, name in disk["chunks"].items())
     total = _stored_bytes(disk, chunk)
     options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
                "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
     with disks.create(path, size, format=format, **options) as target:
         meter = _WriteMeter(target, total, progress)
-        turns = threading.Lock() if format == "vhdx" else contextlib.nullcontext()
+        turns = threading.Lock() if format != "raw" else contextlib.nullcontext()
 
         def restore_chunk(offset: int, name: str) -> None:
             data = repo.read_chunk(name)
@@ -127,8 +127,8 @@ def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None 
     its ID unless the host already has a VM with that ID; ``name`` renames it."""
     point = repo.point(point_id)
     saved = VmConfig.from_dict(point["vm_config"])
-    name = name or saved.name
-    taken = {vm.vm_id.lower() for vm in host.vms()}
+    name = check_vm_name(saved.name if name is None else name)
+    taken = {vm_id.lower() for vm_id in host.vm_ids()}  # damaged VMs' IDs too
     vm_id = new_id() if saved.vm_id.lower() in taken else saved.vm_id
     if any(vm.name == name for vm in host.vms()):
         raise RepositoryError(f"the host already has a VM named {name!r}: restore with --as NEW_NAME")
@@ -150,4 +150,4 @@ def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None 
             attachments.append(DiskAttachment(instance_id, [relative], attachment.controller, attachment.location))
         return VmConfig(vm_id, name, saved.processors, saved.memory_mb, saved.notes, attachments)
 
-    return host.add_vm(vm_id, build)
+    return host.add_vm(vm_id, build, name=name)

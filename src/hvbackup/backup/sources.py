@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterable
+from typing import Callable, Iterable
 
 from hvbackup import disks, virtdisk
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
@@ -144,8 +144,10 @@ class ExportSource:
 
     method = "export"
 
-    def __init__(self, vm: Vm, checkpoint: Checkpoint, base: ReferencePoint | None, staging: str):
+    def __init__(self, vm: Vm, checkpoint: Checkpoint, base: ReferencePoint | None, staging: str,
+                 cancelled: Callable[[], bool] | None = None):
         self.vm, self.checkpoint = vm, checkpoint
+        self.cancelled = cancelled
         self.staging = staging
         self.directory = os.path.join(staging, checkpoint.instance_id)
         # Why the disks are exported in full although there is a base, if they are.
@@ -166,7 +168,8 @@ class ExportSource:
                                   differential_backup_base=base.instance_id if base else None,
                                   create_vm_export_subdirectory=False)
         try:
-            return export_system_definition(self.vm, self.directory, settings)["virtual_hard_disks"]
+            return export_system_definition(self.vm, self.directory, settings,
+                                            cancelled=self.cancelled)["virtual_hard_disks"]
         except HostError as exc:
             if base is None or exc.return_value != INVALID_STATE:
                 raise
