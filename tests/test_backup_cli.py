@@ -4,73 +4,22 @@ exit codes and one-line errors. Commands run through the entry point in this pro
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import random
-import subprocess
 
 import pytest
+from backup_world import SIZES, digests, error, file_digest, guest_write, new_vm
 from rich.console import Console
 
-from hvbackup import disks
 from hvbackup.backup import engine
 from hvbackup.backup.repository import Repository
-from hvbackup.cli import backup as backup_cli
 from hvbackup.cli import output
 from hvbackup.host import Host
 
 MiB = 1 << 20
-SIZES = (16 * MiB, 8 * MiB + 512 * 1024)  # a tail chunk on disk 1
 RESULT_KEYS = {"point_id", "vm", "kind", "method", "bytes_read", "bytes_stored", "seconds", "base_point",
                "reference_point", "notes"}
-
-
-@pytest.fixture
-def where(monkeypatch, tmp_path):
-    """A host and a 1 MiB-chunk repository, named to every command by HVBACKUP_HOST and HVBACKUP_REPO."""
-    host = Host.init(str(tmp_path / "host"))
-    Repository.init(str(tmp_path / "repo"), chunk_size=MiB)
-    monkeypatch.setenv("HVBACKUP_HOST", str(tmp_path / "host"))
-    monkeypatch.setenv("HVBACKUP_REPO", str(tmp_path / "repo"))
-    monkeypatch.delenv("HVBACKUP_PASSPHRASE", raising=False)
-    return host, tmp_path
-
-
-def guest_write(vm, index: int, offset: int, data: bytes) -> None:
-    """Write as the guest, then let go of the disk files: the commands open the host on their own."""
-    vm.disk(index).write(offset, data)
-    vm.close_disks()
-
-
-def new_vm(host: Host, name: str = "web"):
-    """A running VM with some data on both disks."""
-    vm = host.create_vm(name, list(SIZES), block_size=MiB)
-    vm.request_state_change("start")
-    fill = random.Random(name)
-    for index in range(len(SIZES)):
-        guest_write(vm, index, index * 3 * MiB + 4096, fill.randbytes(2 * MiB + 777 * 512))
-    return vm
-
-
-def digests(vm) -> list[str]:
-    """What the guest sees on each disk now."""
-    found = [hashlib.sha256(vm.disk(i).read(0, vm.disk(i).size)).hexdigest() for i in range(len(SIZES))]
-    vm.close_disks()
-    return found
-
-
-def file_digest(path) -> str:
-    with disks.open(path, read_only=True) as disk:
-        return hashlib.sha256(disk.read(0, disk.size)).hexdigest()
-
-
-def error(result: subprocess.CompletedProcess, *words: str) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.startswith("hvbackup: error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert all(w in result.stderr for w in words), result.stderr
-    return result.stderr
 
 
 @pytest.mark.parametrize("method", ["virtdisk", "export"])
@@ -121,8 +70,8 @@ def test_progress_bars_draw_on_a_terminal(hv, where, monkeypatch):
     host, tmp = where
     new_vm(host, "web"), new_vm(host, "db")
     terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
-    monkeypatch.setattr(backup_cli, "stderr", terminal)
-    monkeypatch.setattr(output, "stderr", terminal)
+    monkeypatch.setattr(output, "stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(output, "terminal", lambda: terminal)
     result = hv("backup", "web", "db")
     assert result.returncode == 0 and result.stdout.count("full (virtdisk)") == 2, result.stderr
     drawn = terminal.file.getvalue()
@@ -139,7 +88,7 @@ def test_a_failed_vm_is_reported_and_the_others_are_stored(hv, where, monkeypatc
 
     def failing_db(session, vm, **options):
         if vm.name == "db":
-            raise engine.BackupError("VM db: the disk went away")
+            raise engine.BackupError("db", "the disk went away")
         return real(session, vm, **options)
 
     monkeypatch.setattr(engine, "backup_vm", failing_db)
@@ -155,7 +104,6 @@ def test_a_failed_vm_is_reported_and_the_others_are_stored(hv, where, monkeypatc
 
 def test_points_lists_and_filters(hv, hv_json, where, monkeypatch):
     host, _ = where
-    monkeypatch.setattr(output.stdout, "width", 160)  # a terminal wide enough for the whole table
     web, db = new_vm(host, "web"), new_vm(host, "db")
     assert hv_json("points") == []
     [first] = hv_json("backup", "web")
@@ -168,7 +116,7 @@ def test_points_lists_and_filters(hv, hv_json, where, monkeypatch):
     assert [d["index"] for d in listed[0]["disks"]] == [0, 1] and "chunks" not in listed[0]["disks"][0]
     assert [p["method"] for p in hv_json("points", "--vm", "web")] == ["virtdisk", "export"]
     assert [p["vm_id"] for p in hv_json("points", "--vm", db.vm_id)] == [db.vm_id]
-    assert hv_json("points", "--vm", "nobody") == []
+    error(hv("points", "--vm", "nobody"), "no restore point of a VM", "'nobody'")
     table = hv("points", "--vm", "web").stdout
     assert first["point_id"] in table and "virtdisk" in table and "export" in table and "MiB" in table
     assert web.vm_id not in table
@@ -222,13 +170,14 @@ def test_verify_finds_a_missing_chunk(hv, hv_json, where):
     host, tmp = where
     new_vm(host)
     hv_json("backup", "web")
-    assert hv_json("verify", "--read-data") == {"points": 1, "read_data": True, "problems": []}
+    assert hv_json("verify", "--read-data") == {"points": 1, "read_data": True, "problems": [], "damaged_points": [],
+                                                "unrestorable": [], "damaged_chunks": [], "set_aside": []}
     sound = hv("verify")
     assert sound.returncode == 0 and "sound" in sound.stdout
     victim = next(e.path for d in sorted((tmp / "repo" / "chunks").iterdir()) for e in os.scandir(d))
     os.unlink(victim)
     damaged = hv("verify")
-    assert damaged.returncode == 1 and damaged.stderr == ""
+    assert damaged.returncode == 1 and "cannot be restored" in damaged.stderr and "back up their VMs" in damaged.stderr
     assert damaged.stdout.count("\n") == 1 and os.path.basename(victim) in damaged.stdout
     result = hv("verify", "--json")
     assert result.returncode == 1 and len(json.loads(result.stdout)["problems"]) == 1

@@ -115,7 +115,7 @@ def test_checkpoints_create_list_apply_delete(hv, hv_json, running):
 
 def test_orphaned_recovery_checkpoints_are_listed_and_cleaned(hv, hv_json, running, tmp_path):
     stray = hv_json("checkpoint", "create", "web", "--type", "recovery")
-    assert hv_json("checkpoint", "list", "--orphaned") == {"checkpoints": [], "files": []}  # not a day old yet
+    assert hv_json("checkpoint", "list", "--orphaned") == {"checkpoints": [], "files": [], "damaged": []}  # too young
     vm = Host.open(str(tmp_path / "host")).vm("web")
     document = vm.load()
     old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
@@ -130,7 +130,7 @@ def test_orphaned_recovery_checkpoints_are_listed_and_cleaned(hv, hv_json, runni
     assert hv_json("checkpoint", "list", "--orphaned", "--older-than", "3d")["checkpoints"] == []
     assert hv_json("checkpoint", "clean") == orphans
     assert hv_json("checkpoint", "list") == [] and not os.path.exists(stray_file)
-    assert hv_json("checkpoint", "clean") == {"checkpoints": [], "files": []}
+    assert hv_json("checkpoint", "clean") == {"checkpoints": [], "files": [], "damaged": []}
     assert "nothing orphaned" in hv("checkpoint", "list", "--orphaned").stdout
     error(hv("checkpoint", "list", "--orphaned", "--older-than", "soon"), "age")
 

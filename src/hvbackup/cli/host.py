@@ -9,28 +9,33 @@ do, drawing its ``percent_complete`` on a progress bar; Ctrl-C asks a cancellabl
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from hvbackup.cli.output import emit_json, job_progress, show_help_without_command, stdout
+from hvbackup.cli.output import HOST, JSON, emit_json, group, job_progress, say
 from hvbackup.errors import HostError, HvBackupError
-from hvbackup.host import Checkpoint, Host, Vm
-from hvbackup.host.jobs import ConcreteJob
 
-app = typer.Typer(help="The virtualization host: a directory of VMs.")
-app.callback(invoke_without_command=True)(show_help_without_command)
+if TYPE_CHECKING:
+    from hvbackup.host import Checkpoint, Host, Vm
 
-HOST = typer.Option(None, "--host", envvar="HVBACKUP_HOST", show_envvar=True,
-                    help="The host directory (hvbackup host init).")
-JSON = typer.Option(False, "--json", help="Print one JSON value instead of text.")
+app = group("The virtualization host: a directory of VMs.")
+
+__all__ = ["HOST", "JSON", "app", "find_checkpoint", "finish", "open_host"]
 
 
 def open_host(directory: Optional[str]) -> Host:
+    from hvbackup.host import Host
+
     if not directory:
         raise typer.BadParameter("give the host directory with --host or HVBACKUP_HOST", param_hint="--host")
-    if not os.path.isfile(os.path.join(directory, "host.json")):
-        raise HostError(f"{directory} is not a host (make one with 'hvbackup host init {directory}')")
+    directory = os.path.abspath(directory)
+    try:
+        os.stat(os.path.join(directory, "host.json"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise HostError(f"{directory} is not a host (make one with 'hvbackup host init {directory}')") from None
+    except OSError as exc:
+        raise HostError(f"cannot open the host {directory}: {exc.strerror}") from None
     return Host.open(directory)
 
 
@@ -48,6 +53,8 @@ def find_checkpoint(host: Host, checkpoint_id: str, vm_name: Optional[str] = Non
 
 def finish(answer: tuple[int, Any], description: str, *, show_progress: bool = True) -> Any:
     """The result of a service call; a failure raises what caused it (one line on stderr)."""
+    from hvbackup.host.jobs import ConcreteJob
+
     return_value, value = answer
     if return_value == 0:
         return value
@@ -72,11 +79,14 @@ def finish(answer: tuple[int, Any], description: str, *, show_progress: bool = T
 
 
 @app.command("init")
-def init(directory: str = typer.Argument(..., help="The directory to make a host of."), json: bool = JSON) -> None:
+def init(directory: str = typer.Argument(..., metavar="DIR", help="The directory to make a host of."),
+         json: bool = JSON) -> None:
     """Make DIR an empty host."""
+    from hvbackup.host import Host
+
     host = Host.init(directory)
     document = {"directory": host.directory, "vms": []}
     if json:
         emit_json(document)
     else:
-        stdout.print(f"host ready at {host.directory}", markup=False, soft_wrap=True)
+        say(f"host ready at {host.directory}")

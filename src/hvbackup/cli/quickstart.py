@@ -9,24 +9,20 @@ taken. Any disagreement is an error (one line, exit 2).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
 import typer
-from rich.table import Table
 
-from hvbackup import disks, guestfs
-from hvbackup.backup.engine import backup_vm
-from hvbackup.backup.repository import Repository
-from hvbackup.backup.restore import restore_disk
-from hvbackup.cli.output import emit_json, human_size, progress_bar, stdout
+from hvbackup.cli.output import JSON, emit_json, human_size, plural, progress_bar, say, table
 from hvbackup.errors import HvBackupError
-from hvbackup.host import Host, Vm, VmState
+
+if TYPE_CHECKING:
+    from hvbackup.backup.repository import Repository
+    from hvbackup.host import Host, Vm
 
 MiB = 1 << 20
 DISK_SIZE = 256 * MiB
@@ -45,17 +41,24 @@ def default_directory() -> Path:
 
 
 def quickstart(
-    directory: Optional[Path] = typer.Option(
-        None, "--dir", help="Where the host and repository live (default: $XDG_DATA_HOME/hvbackup/quickstart, "
-                            "~/.local/share/hvbackup/quickstart); reused by later runs."),
-    json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    directory: Optional[str] = typer.Option(
+        None, "--dir", metavar="DIR",
+        help="Where the host and repository live (default: $XDG_DATA_HOME/hvbackup/quickstart, else "
+             "~/.local/share/hvbackup/quickstart); reused by later runs."),
+    json: bool = JSON,
 ) -> None:
     """Back a sample VM up (full, then incremental after guest writes), restore both points, check them."""
-    work = (directory or default_directory()).absolute()
+    from hvbackup import guestfs
+
+    work = Path(os.path.abspath(directory)) if directory else default_directory().absolute()
+    if os.path.lexists(work) and not os.path.isdir(work):
+        raise QuickstartError(f"{work}: not a directory")
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise QuickstartError(f"cannot make {work}: {exc.strerror}") from None
+    if not os.access(work, os.R_OK | os.W_OK | os.X_OK):
+        raise QuickstartError(f"{work}: cannot read and write in it (permission denied)")
     started = time.perf_counter()
     steps: list[dict] = []
 
@@ -116,6 +119,10 @@ def quickstart(
 
 def _setup(work: Path) -> tuple[Host, Repository, Vm, bool]:
     """The host, repository and running sample VM under ``work``, made the first time."""
+    from hvbackup import disks, guestfs
+    from hvbackup.backup.repository import Repository
+    from hvbackup.host import Host, VmState
+
     host_dir, repo_dir = work / "host", work / "repository"
     host = Host.open(str(host_dir)) if (host_dir / "host.json").exists() else Host.init(str(host_dir))
     repo = Repository.open(str(repo_dir)) if (repo_dir / "config").exists() else Repository.init(str(repo_dir))
@@ -138,6 +145,8 @@ def _setup(work: Path) -> tuple[Host, Repository, Vm, bool]:
 
 def _write_sample_files(root: str) -> None:
     """A small system's worth of files: text, a database-like file that compresses, photos that don't."""
+    import numpy as np
+
     rng = np.random.default_rng(2026)
     records = b"".join(b"%08d|customer-%05d|%s\n" % (i, i % 977, b"x" * (i % 50)) for i in range(200_000))
     files = {
@@ -158,6 +167,10 @@ def _write_sample_files(root: str) -> None:
 def _changes(image: str, files: dict[str, str], run: int) -> dict[str, bytes | None]:
     """What this run's guest does: appends to its log and notes, rewrites part of its database,
     saves a new upload and deletes the previous runs' ones."""
+    import numpy as np
+
+    from hvbackup import guestfs
+
     rng = np.random.default_rng(run)
     database = bytearray(guestfs.read_file(image, DATABASE))
     at = int(rng.integers(0, len(database) - MiB)) // 4096 * 4096
@@ -174,6 +187,8 @@ def _changes(image: str, files: dict[str, str], run: int) -> dict[str, bytes | N
 
 def _after(files: dict[str, str], changes: dict[str, bytes | None]) -> dict[str, str]:
     """The checksums the guest's files should have once ``changes`` are made."""
+    import hashlib
+
     result = dict(files)
     for path, data in changes.items():
         if data is None:
@@ -184,6 +199,8 @@ def _after(files: dict[str, str], changes: dict[str, bytes | None]) -> dict[str,
 
 
 def _backup(repo: Repository, vm: Vm, method: str, *, full: bool, json: bool):
+    from hvbackup.backup.engine import backup_vm
+
     with progress_bar(f"{'full' if full else 'incremental'} backup ({method})", enabled=not json) as bar, \
             repo.session() as session:
         return backup_vm(session, vm, method=method, full=full,
@@ -191,6 +208,8 @@ def _backup(repo: Repository, vm: Vm, method: str, *, full: bool, json: bool):
 
 
 def _restore(repo: Repository, point_id: str, target: Path, json: bool) -> dict:
+    from hvbackup.backup.restore import restore_disk
+
     target.unlink(missing_ok=True)  # the previous run's
     with progress_bar(f"restore {target.stem}", enabled=not json) as bar:
         return restore_disk(repo, point_id, 0, str(target), format="raw", progress=bar)
@@ -198,6 +217,8 @@ def _restore(repo: Repository, point_id: str, target: Path, json: bool) -> dict:
 
 def _check(image: Path, held: dict[str, str], kind: str) -> int:
     """e2fsck the restored image and compare its files with what the guest held; the file count."""
+    from hvbackup import guestfs
+
     guestfs.check(str(image))
     found = guestfs.checksums(str(image))
     if found != held:
@@ -211,14 +232,9 @@ def _bytes_under(directory: str) -> int:
 
 
 def _print(summary: dict) -> None:
-    table = Table("step", "time", "bytes", "speed", "result", box=None, pad_edge=False)
-    for s in summary["steps"]:
-        speed = f"{s['mib_per_s']} MiB/s" if s["mib_per_s"] else ""
-        table.add_row(s["step"], f"{s['seconds']:.2f} s", human_size(s["bytes"]) if s["bytes"] else "", speed,
-                      s["detail"])
-    stdout.print(table)
+    table(["step", "time", "bytes", "speed", "result"],
+          [[s["step"], f"{s['seconds']:.2f} s", human_size(s["bytes"]) if s["bytes"] else "",
+            f"{s['mib_per_s']} MiB/s" if s["mib_per_s"] else "", s["detail"]] for s in summary["steps"]])
     repo = summary["repository"]
-    stdout.print(f"repository: {repo['points']} restore points in {human_size(repo['bytes'])} of chunks",
-                 markup=False)
-    stdout.print(f"all good in {summary['seconds']:.1f} s — host, repository and restored images in "
-                 f"{summary['directory']}", markup=False, soft_wrap=True)
+    say(f"repository: {plural(repo['points'], 'restore point')} in {human_size(repo['bytes'])} of chunks")
+    say(f"all good in {summary['seconds']:.1f} s — host, repository and restored images in {summary['directory']}")
