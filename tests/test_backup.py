@@ -223,3 +223,26 @@ def test_only_the_export_the_next_differential_needs_stays_staged(setup):
         assert os.listdir(staging) == [vm.reference_point(result.reference_point).exported[0].split(os.sep)[-3]]
     backup(repo, vm, method="virtdisk")  # the staged export's reference point is gone now
     assert not os.path.exists(staging)
+
+
+def test_a_failure_after_the_commit_is_a_note_on_a_stored_point(setup, monkeypatch):
+    """Once the point is committed the backup has succeeded: a failure tidying up afterwards (here,
+    destroying the older reference point) is noted and the next backup tidies again."""
+    from hvbackup.host import refpoints
+
+    host, repo, tmp = setup
+    vm = new_vm(host)
+    first = backup(repo, vm)
+    vm.disk(0).write(0, os.urandom(MiB))
+
+    def refuse(*_):
+        raise OSError(5, "Input/output error", "vm.json")
+
+    monkeypatch.setattr(refpoints, "destroy_reference_point", refuse)
+    second = backup(repo, vm)
+    assert second.kind == "incremental" and any("tidying up afterwards failed" in n for n in second.notes)
+    assert [p["point_id"] for p in repo.points()] == [first.point_id, second.point_id]
+    monkeypatch.undo()
+    third = backup(repo, vm)
+    assert third.kind == "incremental" and [r.instance_id for r in vm.reference_points()] == [third.reference_point]
+    assert restored(repo, third.point_id, 0, tmp) == image(vm, 0)

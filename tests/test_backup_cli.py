@@ -171,7 +171,8 @@ def test_verify_finds_a_missing_chunk(hv, hv_json, where):
     new_vm(host)
     hv_json("backup", "web")
     assert hv_json("verify", "--read-data") == {"points": 1, "read_data": True, "problems": [], "damaged_points": [],
-                                                "unrestorable": [], "damaged_chunks": [], "set_aside": []}
+                                                "unrestorable": [], "damaged_chunks": [], "set_aside": [],
+                                                "not_set_aside": []}
     sound = hv("verify")
     assert sound.returncode == 0 and "sound" in sound.stdout
     victim = next(e.path for d in sorted((tmp / "repo" / "chunks").iterdir()) for e in os.scandir(d))

@@ -9,18 +9,19 @@ it again and every point using it is whole once more.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from hvbackup.backup import manifest
-from hvbackup.backup.chunks import NAME, chunk_dirs, chunk_path
+from hvbackup.backup import envelope, manifest
+from hvbackup.backup.chunks import MAGIC, NAME, chunk_dirs, chunk_path
 from hvbackup.backup.index import NAME_DTYPE, hex_of, names_from_hex
 from hvbackup.backup.lock import RepositoryLock
 from hvbackup.backup.repository import DAMAGED, Damaged, Repository
 from hvbackup.disks.fileio import sync_directory
-from hvbackup.errors import RepositoryCorruptError, RepositoryError, RepositoryLockedError
+from hvbackup.errors import HvBackupError, RepositoryCorruptError, RepositoryError
 
 Progress = Callable[[int, int], None]
 LISTED_PER_POINT = 10  # missing chunks named per point; the rest are counted
@@ -29,67 +30,100 @@ LISTED_PER_POINT = 10  # missing chunks named per point; the rest are counted
 @dataclass
 class Report:
     problems: list[str] = field(default_factory=list)
-    points: int = 0                                           # readable points
+    points: int = 0                                             # readable points
     damaged_points: list[Damaged] = field(default_factory=list)
     unrestorable: dict[str, str] = field(default_factory=dict)  # point ID -> why
-    damaged_chunks: list[str] = field(default_factory=list)
-    set_aside: list[str] = field(default_factory=list)       # chunks moved to damaged/chunks
-    not_set_aside: str | None = None                           # why damaged chunks stayed where they are
+    damaged_chunks: list[str] = field(default_factory=list)    # present, but fail their check
+    set_aside: list[str] = field(default_factory=list)         # of those, moved to damaged/chunks
+    not_set_aside: dict[str, str] = field(default_factory=dict)  # of those, left in place -> why
 
     def to_dict(self) -> dict:
         return {"problems": self.problems, "points": self.points,
                 "damaged_points": [d.to_dict() for d in self.damaged_points],
                 "unrestorable": [{"point_id": p, "why": w} for p, w in self.unrestorable.items()],
-                "damaged_chunks": self.damaged_chunks, "set_aside": self.set_aside}
+                "damaged_chunks": self.damaged_chunks, "set_aside": self.set_aside,
+                "not_set_aside": [{"chunk": c, "why": w} for c, w in self.not_set_aside.items()]}
 
 
-def _readable_points(repo: Repository):
-    """(point ID, manifest) of every point that reads back; damaged ones are the scan's business."""
-    for point_id in repo.point_ids():
-        try:
-            yield point_id, repo.point(point_id)
-        except RepositoryError:
-            continue
+class _Names:
+    """Distinct chunk names gathered manifest by manifest: one array entry per distinct chunk (or its
+    first 8 bytes as an integer with ``prefix``), merged now and then so duplicates never pile up."""
+
+    def __init__(self, prefix: bool):
+        self.prefix = prefix
+        self._found, self._pending, self._count = np.empty(0, np.uint64 if prefix else NAME_DTYPE), [], 0
+
+    def add(self, m: dict) -> None:
+        for disk in m["disks"]:
+            names = disk["chunks"].names
+            # Big-endian 8-byte prefixes, made native so sorting and searching run at full speed.
+            self._pending.append(np.frombuffer(names.tobytes(), ">u8")[::4].astype(np.uint64) if self.prefix
+                                 else names)
+            self._count += len(names)
+        if self._count > 1 << 20:
+            self._found, self._pending, self._count = self.sorted(), [], 0
+
+    def sorted(self) -> np.ndarray:
+        return np.unique(np.concatenate([self._found, *self._pending]))
 
 
 def referenced(repo: Repository, *, prefix: bool = False) -> np.ndarray:
-    """The sorted, unique chunk names the readable manifests reference: full 32-byte names, or their
-    first 8 bytes as uint64 with ``prefix``. Memory is one array entry per distinct chunk."""
-    found, pending, pending_count = np.empty(0, ">u8" if prefix else NAME_DTYPE), [], 0
-    for _, m in _readable_points(repo):
-        for disk in m["disks"]:
-            names = disk["chunks"].names
-            pending.append(np.frombuffer(names.tobytes(), ">u8")[::4].copy() if prefix else names)
-            pending_count += len(names)
-        if pending_count > 1 << 20:  # merge now and then so duplicates never pile up
-            found, pending, pending_count = np.unique(np.concatenate([found, *pending])), [], 0
-    return np.unique(np.concatenate([found, *pending]))
+    """The sorted, distinct chunk names that points/ and damaged/points/ reference: full 32-byte
+    names, or their first 8 bytes as integers with ``prefix``. Fails closed: a damaged manifest in
+    points/ (it may reference anything) raises, naming every such point."""
+    names, damaged = _Names(prefix), []
+    for name, m in repo.manifests():
+        if isinstance(m, Damaged):
+            if manifest.POINT_ID.fullmatch(name):
+                damaged.append(name)
+        elif not damaged:
+            names.add(m)
+    if damaged:
+        raise RepositoryError(f"cannot tell which chunks the damaged point(s) {', '.join(damaged)} need: forget "
+                              f"them (hvbackup forget ID) or set them aside (hvbackup verify --repair) first")
+    for _, m in repo.manifests(set_aside=True):  # set aside, not given up: their chunks stay
+        if not isinstance(m, Damaged):
+            names.add(m)
+    return names.sorted()
 
 
 def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None,
            holding_lock: bool = False) -> Report:
-    """Check every manifest and that every chunk it references is there; with ``read_data`` also read
-    each referenced chunk and set aside the ones that fail. An empty ``problems`` means sound."""
-    report = Report()
-    scan = repo.scan()
-    report.points, report.damaged_points = len(scan.points), scan.damaged
-    for damaged in scan.damaged:
-        report.problems.append(f"points/{damaged.name}: {damaged.problem}")
-    names = referenced(repo)
-    lost = np.array([n for n in names if not os.path.isfile(chunk_path(repo.path, hex_of(n)))], NAME_DTYPE)
+    """Check every manifest and that every chunk it references is there and complete; with
+    ``read_data`` also read each referenced chunk and set aside the ones that fail. An empty
+    ``problems`` means sound."""
+    report, names = Report(), _Names(prefix=False)
+    for name, m in repo.manifests():
+        if isinstance(m, Damaged):
+            report.damaged_points.append(m)
+            report.problems.append(f"points/{name}: {m.problem}")
+        else:
+            report.points += 1
+            names.add(m)
+    distinct = names.sorted()
+    lost, damaged = [], []
+    for name in distinct:
+        path = chunk_path(repo.path, hex_of(name))
+        if not os.path.isfile(path):
+            lost.append(name)
+        elif not envelope.looks_complete(path, MAGIC):
+            damaged.append(hex_of(name))  # torn or foreign: its frame does not fit the file
     if read_data:
-        present = names[~np.isin(names, lost)] if len(lost) else names
-        for done, name in enumerate(present, 1):
+        whole = distinct[~np.isin(distinct, np.concatenate((np.array(lost, NAME_DTYPE), names_from_hex(damaged))))]
+        for done, name in enumerate(whole, 1):
             try:
                 repo.read_chunk(hex_of(name))
-            except RepositoryError as exc:
-                report.damaged_chunks.append(hex_of(name))
-                report.problems.append(str(exc))
+            except RepositoryError:
+                damaged.append(hex_of(name))
             if progress:
-                progress(done, len(present))
-        if report.damaged_chunks:
-            _set_aside(repo, report, holding_lock)
-    bad = np.concatenate((lost, names_from_hex(report.damaged_chunks)))
+                progress(done, len(whole))
+        if damaged:
+            damaged = _set_aside(repo, damaged, report, holding_lock)
+    report.damaged_chunks = sorted(damaged)
+    for name in report.damaged_chunks:
+        where = "set aside in damaged/chunks" if name in report.set_aside else "in place"
+        report.problems.append(f"chunk {name} is damaged ({where})")
+    bad = np.concatenate((np.array(lost, NAME_DTYPE), names_from_hex(report.damaged_chunks)))
     if len(bad):
         _attribute(repo, bad, report)
     return report
@@ -98,7 +132,9 @@ def verify(repo: Repository, *, read_data: bool = False, progress: Progress | No
 def _attribute(repo: Repository, bad: np.ndarray, report: Report) -> None:
     """Name, per point, the chunks it lacks: those points cannot be restored as they are."""
     damaged = set(report.damaged_chunks)
-    for point_id, m in _readable_points(repo):
+    for point_id, m in repo.manifests():
+        if isinstance(m, Damaged):
+            continue
         lines = []
         for disk in m["disks"]:
             index = disk["chunks"]
@@ -115,39 +151,49 @@ def _attribute(repo: Repository, bad: np.ndarray, report: Report) -> None:
                                        f"missing or damaged")
 
 
-def _set_aside(repo: Repository, report: Report, holding_lock: bool) -> None:
-    """Move damaged chunks to damaged/chunks/, under the lock so no writer is relying on them. A
-    chunk that reads back now (rewritten meanwhile) stays."""
+def _set_aside(repo: Repository, damaged: list[str], report: Report, holding_lock: bool) -> list[str]:
+    """Move damaged chunks to damaged/chunks/, under the lock so no writer is relying on them.
+    Returns those still damaged: a chunk that reads back now (a passing read error) is not."""
+    still = []
     try:
         lock = None if holding_lock else RepositoryLock(repo._sub("lock")).__enter__()
-    except RepositoryLockedError as exc:
-        report.not_set_aside = f"{exc}; run verify --read-data again when it is done"
-        return
+    except RepositoryError as exc:
+        report.not_set_aside = {name: f"{exc}; run verify --read-data again when it is done" for name in damaged}
+        return damaged
+    target = repo._sub(DAMAGED, "chunks")
     try:
-        target = repo._sub(DAMAGED, "chunks")
-        os.makedirs(target, exist_ok=True)
-        for name in report.damaged_chunks:
+        for name in damaged:
             try:
                 repo.read_chunk(name)
                 continue
             except RepositoryCorruptError:
-                pass
-            os.replace(chunk_path(repo.path, name), os.path.join(target, name))
-            report.set_aside.append(name)
-        for directory in {os.path.dirname(chunk_path(repo.path, n)) for n in report.set_aside} | {target}:
+                still.append(name)
+            try:
+                os.makedirs(target, exist_ok=True)
+                os.replace(chunk_path(repo.path, name), os.path.join(target, name))
+                report.set_aside.append(name)
+            except FileNotFoundError:
+                continue  # gone meanwhile: a missing chunk, stored again by the next backup
+            except OSError as exc:
+                report.not_set_aside[name] = f"cannot move it to {target}: {exc.strerror}"
+        for directory in {os.path.dirname(chunk_path(repo.path, n)) for n in report.set_aside}:
             sync_directory(directory)
-    except OSError as exc:
-        report.not_set_aside = f"cannot move damaged chunks to {DAMAGED}/chunks: {exc.strerror}"
+        if report.set_aside:
+            sync_directory(target)
+    except HvBackupError as exc:
+        for name in still:
+            report.not_set_aside.setdefault(name, str(exc))
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
+    return still
 
 
 @dataclass
 class Repair:
     verified: Report                                       # what verify found before repairing
     moved_points: dict[str, str] = field(default_factory=dict)  # name in points/ -> why it was set aside
-    remaining: list[str] = field(default_factory=list)     # problems a verify finds afterwards
+    remaining: list[str] = field(default_factory=list)     # what is still wrong afterwards
 
     def to_dict(self) -> dict:
         return {"found": self.verified.to_dict(),
@@ -158,7 +204,8 @@ class Repair:
 def repair(repo: Repository, *, progress: Progress | None = None) -> Repair:
     """Make the repository sound: damaged chunks, damaged manifests and the points that can no
     longer be restored (they lack chunks) are moved to damaged/, missing directories recreated.
-    Nothing is deleted; what was set aside can be moved back by hand."""
+    Nothing is deleted; what was set aside can be moved back by hand. What could not be set aside
+    is reported as remaining."""
     with repo.locked("repair"):
         found = verify(repo, read_data=True, progress=progress, holding_lock=True)
         result = Repair(found)
@@ -175,30 +222,27 @@ def repair(repo: Repository, *, progress: Progress | None = None) -> Repair:
         except OSError as exc:
             raise RepositoryError(f"cannot set damaged points aside in {target}: {exc.strerror}") from None
         result.remaining = verify(repo, holding_lock=True).problems
+        result.remaining += [f"chunk {name} is damaged and still in place: {why}"
+                             for name, why in found.not_set_aside.items()]
     return result
 
 
 def prune(repo: Repository, progress: Progress | None = None) -> dict:
     """Delete every chunk no manifest references, and the damaged chunks set aside. Under the lock;
-    refuses while a manifest is damaged (its chunks might be needed). Memory: 8 bytes per distinct
-    referenced chunk. ``progress(done, total)`` counts the 256 chunk directories swept."""
+    refuses while a manifest in points/ is damaged (its chunks might be needed). Memory: 8 bytes per
+    distinct referenced chunk. ``progress(done, total)`` counts the 256 chunk directories swept."""
     with repo.locked("prune"):
-        damaged = [d for d in repo.scan().damaged if manifest.POINT_ID.match(d.name)]
-        if damaged:
-            names = ", ".join(d.name for d in damaged)
-            raise RepositoryError(f"prune cannot tell which chunks the damaged point(s) {names} need: forget them "
-                                  f"(hvbackup forget ID) or set them aside (hvbackup verify --repair) first")
         keep = referenced(repo, prefix=True)
         deleted = freed = kept = 0
         directories = chunk_dirs(repo.path)
         for done, directory in enumerate(directories, 1):
             for entry in os.scandir(directory):
-                if not NAME.match(entry.name):
+                if not NAME.fullmatch(entry.name):
                     continue
                 # A prefix match keeps the chunk: a rare collision costs space, never data.
-                key = np.array([int(entry.name[:16], 16)], ">u8")
-                at = np.searchsorted(keep, key)[0]
-                if at < len(keep) and keep[at] == key[0]:
+                key = np.uint64(int(entry.name[:16], 16))
+                at = np.searchsorted(keep, key)
+                if at < len(keep) and keep[at] == key:
                     kept += 1
                     continue
                 freed += entry.stat().st_size
@@ -209,5 +253,5 @@ def prune(repo: Repository, progress: Progress | None = None) -> dict:
         set_aside = repo._sub(DAMAGED, "chunks")
         for entry in os.scandir(set_aside) if os.path.isdir(set_aside) else ():
             freed += entry.stat().st_size
-            os.unlink(entry.path)
+            (shutil.rmtree if entry.is_dir(follow_symlinks=False) else os.unlink)(entry.path)
     return {"chunks_deleted": deleted, "bytes_freed": freed, "chunks_kept": kept}

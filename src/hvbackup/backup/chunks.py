@@ -14,7 +14,7 @@ from hvbackup.errors import RepositoryCorruptError
 
 MAGIC = b"HVBKCHNK"
 ZSTD_LEVEL = 3
-NAME = re.compile(r"^[0-9a-f]{64}$")
+NAME = re.compile(r"[0-9a-f]{64}")  # fullmatch
 
 
 def max_payload(chunk_size: int) -> int:

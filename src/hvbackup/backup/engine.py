@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hvbackup.backup.index import ChunkIndex
-from hvbackup.backup.repository import Repository
+from hvbackup.backup.repository import REPOSITORY_ID, Repository
 from hvbackup.backup.sources import DiskReader, ExportSource, NeedsFull, VirtDiskSource
 from hvbackup.backup.writer import Session, Writer
-from hvbackup.errors import HvBackupError
+from hvbackup.errors import HvBackupError, RepositoryError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
 from hvbackup.host.model import ReferencePoint
 from hvbackup.host.vm import Vm
@@ -94,24 +94,33 @@ def default_staging(vm: Vm, repo: Repository) -> str:
 
 
 def find_base(repo: Repository, vm: Vm) -> _Base | None:
-    """The VM's newest restore point whose RCT IDs a reference point of the VM still has."""
-    by_rct = {tuple(r.resilient_change_tracking_identifiers): r for r in vm.reference_points()}
-    for summary in reversed(repo.points()):
-        if summary.get("vm_id") == vm.vm_id and tuple(summary.get("rct_ids") or ()) in by_rct:
-            return _Base(repo.point(summary["point_id"]), by_rct[tuple(summary["rct_ids"])])
+    """The VM's newest restore point whose RCT IDs a reference point of the VM still has: manifests
+    are read newest first, and only until it is found. A damaged one is passed over."""
+    by_rct = {tuple(r.resilient_change_tracking_identifiers): r for r in vm.reference_points()
+              if r.resilient_change_tracking_identifiers}
+    if not by_rct:
+        return None
+    for point_id in reversed(repo.point_ids()):
+        try:
+            point = repo.point(point_id)
+        except RepositoryError:
+            continue
+        if point["vm_id"] == vm.vm_id and tuple(point["rct_ids"]) in by_rct:
+            return _Base(point, by_rct[tuple(point["rct_ids"])])
     return None
 
 
-def _failure(vm: str, exc: BaseException) -> BackupError:
-    """Any exception as this VM's failure, saying what went wrong (and where, for a file error)."""
-    if isinstance(exc, BackupError):
-        return exc
+def _describe(exc: BaseException) -> str:
+    """What went wrong (and where, for a file error), for any exception."""
     if isinstance(exc, OSError):
-        where = f": {exc.filename}" if exc.filename else ""
-        return BackupError(vm, f"{exc.strerror or exc}{where}")
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     if isinstance(exc, HvBackupError):
-        return BackupError(vm, str(exc))
-    return BackupError(vm, f"{type(exc).__name__}: {exc}")
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failure(vm: str, exc: BaseException) -> BackupError:
+    return exc if isinstance(exc, BackupError) else BackupError(vm, _describe(exc))
 
 
 def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool = False,
@@ -174,22 +183,44 @@ def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, stagin
         # builds on the old one and removes this one after it succeeds.
         source.abandon()
         raise
-    source.finish()
-    if method != "export":
-        # A staged export only serves as the parent of the next differential of its reference point.
-        shutil.rmtree(staging, ignore_errors=True)
-    for older in vm.reference_points():
-        if older.instance_id != point.instance_id and _ours(older, repo, base):
-            refpoints.destroy_reference_point(vm, older.instance_id)
+    notes += _tidy_after_commit(vm, repo, source, method, staging, point, base)
     return Result(point_id, name, kind, method, writer.bytes_read, writer.bytes_stored, time.time() - started,
                   base.point["point_id"] if incremental else None, point.instance_id, notes)
+
+
+def _tidy_after_commit(vm: Vm, repo: Repository, source, method: str, staging: str, point: ReferencePoint,
+                       base: _Base | None) -> list[str]:
+    """What follows a stored point: keep the staged export the next differential needs, drop this
+    repository's older reference points. The point is stored whatever happens here, so a failure
+    is a note, not a failed backup; the next backup tidies again."""
+    notes = []
+    try:
+        source.finish()
+        if method != "export":
+            # A staged export only serves as the parent of the next differential of its reference point.
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging_of_old_layout(vm)
+        for older in vm.reference_points():
+            if older.instance_id != point.instance_id and _ours(older, repo, base):
+                refpoints.destroy_reference_point(vm, older.instance_id)
+    except (HvBackupError, OSError) as exc:
+        notes.append(f"stored, but tidying up afterwards failed (the next backup tries again): {_describe(exc)}")
+    return notes
 
 
 def _ours(point: ReferencePoint, repo: Repository, base: _Base | None) -> bool:
     """A reference point an earlier backup into this repository left: named for it, or its base."""
     if base is not None and point.instance_id == base.reference_point.instance_id:
         return True
-    return (point.element_name or "").startswith(reference_name(repo))
+    return (point.element_name or "").startswith(reference_name(repo) + " ")
+
+
+def _remove_staging_of_old_layout(vm: Vm) -> None:
+    """Staged exports from before staging was kept per repository (``<VM ID>/<checkpoint ID>``)."""
+    root = os.path.join(vm.host.directory, STAGING_DIRECTORY, vm.vm_id)
+    for entry in os.listdir(root) if os.path.isdir(root) else ():
+        if not REPOSITORY_ID.fullmatch(entry):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
 def _check(cancel: threading.Event, name: str) -> None:
@@ -198,27 +229,33 @@ def _check(cancel: threading.Event, name: str) -> None:
 
 
 def backup_vms(session: Session, vms: list[Vm], *, method: str = "virtdisk", full: bool = False,
-               staging: str | None = None, progress: Progress | None = None) -> list[Result | BackupError]:
+               staging: str | None = None, progress: Progress | None = None,
+               cancel: threading.Event | None = None) -> list[Result | BackupError]:
     """Back several VMs up at once, one thread each, into one session; a VM that fails does not stop
     the others. Per VM, in order: its Result, or the BackupError that says why it failed. ``staging``
     is a root under which each VM's exports go (``<root>/<VM ID>/<repository ID>``).
 
-    Ctrl-C (KeyboardInterrupt in the calling thread) stops every backup still running; each cleans up
-    as a failure does and is reported as Interrupted."""
-    cancel = threading.Event()
+    Setting ``cancel`` (a signal handler may) stops every backup still running; each cleans up as a
+    failure does and is reported as Interrupted. A KeyboardInterrupt in the calling thread sets it."""
+    cancel = cancel or threading.Event()
 
     def one(vm: Vm) -> Result:
         where = os.path.join(staging, vm.vm_id, session.repo.id) if staging else None
         return backup_vm(session, vm, method=method, full=full, staging=where, progress=progress, cancel=cancel)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(vms))) as pool:
-        futures = [pool.submit(one, vm) for vm in vms]
-        while True:
-            try:
-                wait(futures)
-                break
-            except KeyboardInterrupt:
-                cancel.set()  # and wait again: the backups are cleaning up
+    pool = ThreadPoolExecutor(max_workers=max(1, len(vms)))
+    futures = []
+    try:
+        for vm in vms:
+            futures.append(pool.submit(one, vm))
+    except KeyboardInterrupt:
+        cancel.set()
+    while not all(f.done() for f in futures):
+        try:
+            wait(futures, timeout=0.5)
+        except KeyboardInterrupt:
+            cancel.set()  # and wait again: the backups are cleaning up
+    pool.shutdown()
     outcomes: list[Result | BackupError] = []
     for future in futures:
         try:

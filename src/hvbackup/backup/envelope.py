@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import struct
 
 from blake3 import blake3
@@ -62,9 +63,9 @@ def read_bounded(path: str, max_size: int, what: str) -> bytes:
         return f.read(max_size + 1)
 
 
-def looks_complete(path: str) -> bool:
-    """The file is there and its frame header declares exactly its length: what a finished write
-    leaves. A torn file (storage that lost a write) or a foreign file does not."""
+def looks_complete(path: str, magic: bytes) -> bool:
+    """The file is there and its frame header (of this kind) declares exactly its length: what a
+    finished write leaves. A torn file (storage that lost a write) or a foreign file does not."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -75,8 +76,8 @@ def looks_complete(path: str) -> bool:
         os.close(fd)
     if len(header) < HEADER.size:
         return False
-    _, version, _, _, length = HEADER.unpack(header)
-    return version == VERSION and HEADER.size + length + CHECKSUM_SIZE == size
+    found, version, _, _, length = HEADER.unpack(header)
+    return found == magic and version == VERSION and HEADER.size + length + CHECKSUM_SIZE == size
 
 
 def write_durable(tmp_dir: str, final_path: str, data: bytes) -> None:
@@ -106,6 +107,9 @@ def _unlink_quietly(path: str) -> None:
 
 
 def clear_dir(path: str) -> None:
-    """Remove every file in ``path``: stale temporary files a killed writer left (caller holds the lock)."""
+    """Remove everything in ``path``: stale temporary files a killed writer left (caller holds the lock)."""
     for entry in os.scandir(path):
-        _unlink_quietly(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            _unlink_quietly(entry.path)

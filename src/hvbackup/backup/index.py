@@ -96,7 +96,7 @@ class ChunkIndex:
         slots, names, slot = [], [], 0
         for item in items:
             if isinstance(item, str):
-                if not NAME.match(item):
+                if not NAME.fullmatch(item):
                     raise RepositoryCorruptError(f"{what}: malformed chunk name {item[:80]!r}")
                 slots.append(slot)
                 names.append(item)

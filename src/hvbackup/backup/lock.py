@@ -27,6 +27,9 @@ class RepositoryLock:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise RepositoryLockedError(f"repository is locked by another writer (pid {holder})") from None
+        except OSError as exc:
+            os.close(fd)
+            raise RepositoryError(f"cannot take the repository lock {self.path}: {exc.strerror}") from None
         try:  # only for the refusal message above; a full disk must not stop the holder
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -18,9 +18,10 @@ from hvbackup.backup.index import ChunkIndex
 from hvbackup.errors import RepositoryCorruptError, RepositoryError
 
 MAGIC = b"HVBKMANI"
-MAX_STORED = 256 << 20
-MAX_JSON = 1 << 30  # about 15 TiB of data per point at 1 MiB chunks (zero runs take a few bytes)
-POINT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")  # UTC time to the microsecond, random
+MAX_STORED = 256 << 20  # about 7 TiB of data per point at 1 MiB chunks (zero runs take a few bytes)
+MAX_JSON = 1 << 30
+MAX_VIRTUAL_SIZE = 1 << 56  # far beyond any disk format, and slot numbers stay within int64
+POINT_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}")  # UTC time to the microsecond, random; fullmatch
 # What the caller describes; the writer adds point_id, repository_id, chunk_size, disks and sizes.
 CALLER_FIELDS = {
     "vm_name": None, "vm_id": None, "vm_config": {}, "reference_point": None, "rct_ids": [],
@@ -29,13 +30,32 @@ CALLER_FIELDS = {
 GEOMETRY = ("virtual_size", "block_size", "logical_sector_size", "physical_sector_size")
 
 
+NUMBER = (int, float)
+READ_FIELDS = {"vm_name": (str, type(None)), "vm_id": (str, type(None)), "vm_config": dict, "rct_ids": list,
+               "kind": (str, type(None)), "method": (str, type(None)), "notes": list,
+               "started": (*NUMBER, type(None)), "ended": (*NUMBER, type(None)),
+               "bytes_read": int, "bytes_stored": int}
+
+
+def kinds_text(kinds) -> str:
+    names = {str: "text", int: "a number", float: "a number", dict: "an object", list: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(names[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,))))
+
+
 def chunk_count(virtual_size: int, chunk_size: int) -> int:
     return -(-virtual_size // chunk_size)
 
 
 def encode(manifest: dict, keys: Keys | None) -> bytes:
+    """The stored manifest; one that readers would refuse as too large is refused here, before it
+    is committed."""
     stored = {**manifest, "disks": [{**d, "chunks": d["chunks"].to_json()} for d in manifest["disks"]]}
-    payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(stored, separators=(",", ":")).encode())
+    text = json.dumps(stored, separators=(",", ":")).encode()
+    payload = zstandard.ZstdCompressor(level=3).compress(text)
+    if len(text) > MAX_JSON or len(payload) + OVERHEAD > MAX_STORED:
+        data = sum(d["chunks"].data_slots for d in manifest["disks"])
+        raise RepositoryError(f"the restore point lists {data} chunks of data, more than a manifest may hold "
+                              f"({MAX_STORED >> 20} MiB stored): back this VM up into a repository with larger chunks")
     flags = envelope.FLAG_COMPRESSED
     if keys:
         flags |= envelope.FLAG_ENCRYPTED
@@ -69,6 +89,10 @@ def validate(m, what: str, point_id: str, repository_id: str, chunk_size: int) -
     require(m.get("point_id") == point_id, "its point ID does not match its file name")
     require(m.get("repository_id") == repository_id, "belongs to another repository")
     require(m.get("chunk_size") == chunk_size, "chunk size does not match the repository")
+    # The fields readers use besides the disks: a wrong type is damage, not a crash further on.
+    for name, kinds in READ_FIELDS.items():
+        require(isinstance(m.get(name), kinds), f"{name} is not {kinds_text(kinds)}")
+    require(all(isinstance(r, str) for r in m["rct_ids"]), "rct_ids holds something other than text")
     disks = m.get("disks")
     require(isinstance(disks, list), "no disk list")
     for i, disk in enumerate(disks):
@@ -77,7 +101,7 @@ def validate(m, what: str, point_id: str, repository_id: str, chunk_size: int) -
         require(isinstance(geometry, dict) and all(isinstance(geometry.get(k), int) for k in GEOMETRY),
                 f"disk {i} has a malformed geometry")
         size = geometry["virtual_size"]
-        require(size >= 0, f"disk {i} has a negative size")
+        require(0 <= size <= MAX_VIRTUAL_SIZE, f"disk {i} has a size of {size} bytes")
         disk["chunks"] = ChunkIndex.from_json(disk.get("chunks"), chunk_count(size, chunk_size), f"{what} disk {i}")
 
 
@@ -96,6 +120,6 @@ def caller_fields(fields: dict) -> dict:
 def check_geometry(index: int, geometry: dict) -> dict:
     if not isinstance(geometry, dict) or not all(isinstance(geometry.get(k), int) for k in GEOMETRY):
         raise RepositoryError(f"disk {index}: geometry needs integer {', '.join(GEOMETRY)}")
-    if geometry["virtual_size"] < 0:
-        raise RepositoryError(f"disk {index}: negative virtual size")
+    if not 0 <= geometry["virtual_size"] <= MAX_VIRTUAL_SIZE:
+        raise RepositoryError(f"disk {index}: a virtual size of {geometry['virtual_size']} bytes")
     return dict(geometry)

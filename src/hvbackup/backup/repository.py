@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ MAX_CHUNK_SIZE = 64 << 20
 # every lock holder recreates them.
 LAYOUT = ("tmp", "points", "chunks")
 DAMAGED = "damaged"  # where repair sets aside what failed its checks (docs/repository.md, "Repair")
+REPOSITORY_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _binding(repository_id: str, chunk_size: int) -> bytes:
@@ -118,8 +120,10 @@ class Repository:
         _, _, payload = envelope.unframe(data, CONFIG_MAGIC, MAX_CONFIG, "config")
         try:
             config = json.loads(bytes(payload))
+            # The ID names directories (export staging) and reference points: exactly 32 hex digits.
             ok = (isinstance(config, dict) and config.get("format") == envelope.VERSION
-                  and isinstance(config.get("id"), str) and isinstance(config.get("chunk_size"), int)
+                  and isinstance(config.get("id"), str) and REPOSITORY_ID.fullmatch(config["id"]) is not None
+                  and isinstance(config.get("chunk_size"), int)
                   and config.get("hash") == "blake3" and config.get("compression") == "zstd")
         except ValueError:
             ok = False
@@ -162,21 +166,24 @@ class Repository:
     def _sub(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 
-    def _point_entries(self) -> list[str]:
+    def _entries(self, *directory: str) -> list[str]:
         try:
-            return sorted(os.listdir(self._sub("points")))
+            return sorted(os.listdir(self._sub(*directory)))
         except FileNotFoundError:
             return []
 
     def point_ids(self) -> list[str]:
         """The names in points/ that are point IDs, readable or not."""
-        return [n for n in self._point_entries() if manifest.POINT_ID.match(n)]
+        return [n for n in self._entries("points") if manifest.POINT_ID.fullmatch(n)]
 
     def point(self, point_id: str) -> dict:
         """The full manifest of one restore point, checked."""
-        if not manifest.POINT_ID.match(point_id):
+        if not manifest.POINT_ID.fullmatch(point_id):
             raise RepositoryError(f"{point_id!r} is not a point ID")
-        path = self._sub("points", point_id)
+        return self._manifest(("points",), point_id)
+
+    def _manifest(self, directory: tuple[str, ...], point_id: str) -> dict:
+        path = self._sub(*directory, point_id)
         try:
             data = envelope.read_bounded(path, manifest.MAX_STORED, f"point {point_id}")
         except FileNotFoundError:
@@ -185,20 +192,29 @@ class Repository:
             raise RepositoryCorruptError(f"point {point_id}: cannot be read: {exc.strerror}") from None
         return manifest.decode(data, point_id, self._keys, self.id, self.chunk_size)
 
+    def manifests(self, *, set_aside: bool = False) -> Iterator[tuple[str, dict | Damaged]]:
+        """(name, manifest) for every entry of points/ — or of damaged/points/, the points repair set
+        aside — in name order; an entry that is not a readable manifest comes as ``Damaged``. One
+        forgotten while this runs is skipped."""
+        directory = (DAMAGED, "points") if set_aside else ("points",)
+        for name in self._entries(*directory):
+            if not manifest.POINT_ID.fullmatch(name):
+                yield name, Damaged(name, "not a restore point (an unexpected name in points/)")
+                continue
+            try:
+                yield name, self._manifest(directory, name)
+            except RepositoryCorruptError as exc:
+                yield name, Damaged(name, str(exc))
+            except RepositoryError:
+                continue
+
     def scan(self) -> Scan:
         """Every entry of points/: the readable points' summaries, oldest first, and the damaged ones."""
         found = Scan([], [])
-        for name in self._point_entries():
-            if not manifest.POINT_ID.match(name):
-                found.damaged.append(Damaged(name, "not a restore point (an unexpected name in points/)"))
+        for _, m in self.manifests():
+            if isinstance(m, Damaged):
+                found.damaged.append(m)
                 continue
-            try:
-                m = self.point(name)
-            except RepositoryCorruptError as exc:
-                found.damaged.append(Damaged(name, str(exc)))
-                continue
-            except RepositoryError:
-                continue  # forgotten while we looked
             for disk in m["disks"]:
                 del disk["chunks"]
             found.points.append(m)

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from hvbackup.backup import envelope, manifest
-from hvbackup.backup.chunks import chunk_dirs, chunk_path
-from hvbackup.backup.index import ChunkIndex, hex_of
+from hvbackup.backup.chunks import MAGIC, chunk_dirs, chunk_path
+from hvbackup.backup.index import ChunkIndex
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import RepositoryError
 
@@ -59,13 +59,12 @@ class Session:
         declares exactly the file's length (a torn or foreign file is written over)."""
         if name in self._written:
             return True
-        return envelope.looks_complete(chunk_path(self.repo.path, name.hex()))
+        return envelope.looks_complete(chunk_path(self.repo.path, name.hex()), MAGIC)
 
     def missing(self, names: np.ndarray) -> np.ndarray:
-        """Those of ``names`` whose chunk file is gone (deleted, or set aside as damaged by verify)."""
-        gone = [name for name in names
-                if bytes(name) not in self._written and not os.path.exists(chunk_path(self.repo.path, hex_of(name)))]
-        return np.array(gone, names.dtype)
+        """Those of ``names`` the repository has lost: deleted, set aside as damaged by verify, or
+        torn (the frame does not fit the file). One open and 24-byte read each."""
+        return np.array([name for name in names if not self.is_stored(bytes(name))], names.dtype)
 
     def store(self, name: bytes, data) -> int:
         """Write one chunk unless it is stored already; returns the bytes it took."""
@@ -73,19 +72,24 @@ class Session:
             return 0
         stored = self.repo.codec.encode(name, data)
         path = chunk_path(self.repo.path, name.hex())
+        with self._mutex:
+            # Before the rename: a writer that dedups onto this chunk as soon as it appears commits
+            # after syncing its directory too.
+            self._dirty_dirs.add(os.path.dirname(path))
         try:
             envelope.write_durable(self.repo._sub("tmp"), path, stored)
         except OSError as exc:
             raise RepositoryError(f"cannot store chunk {name.hex()}: {exc.strerror}: {exc.filename or path}") from None
         with self._mutex:
             self._written.add(name)
-            self._dirty_dirs.add(os.path.dirname(path))
         return len(stored)
 
     def sync_chunks(self) -> None:
-        """Chunk files were fsynced before their rename; this makes their directory entries durable."""
+        """Chunk files were fsynced before their rename; this makes their directory entries durable.
+        Every directory this session renamed a chunk into, at every commit: never fewer, whatever
+        other writers of the session are doing (at most 256 directories)."""
         with self._mutex:
-            dirty, self._dirty_dirs = sorted(self._dirty_dirs), set()
+            dirty = sorted(self._dirty_dirs)
         for directory in dirty:
             sync_directory(directory)
 

@@ -8,9 +8,12 @@ each loads the layers it uses only when it runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
+from typing import Iterator
 
 from hvbackup import __version__
 
@@ -34,6 +37,25 @@ def interrupted_by() -> KeyboardInterrupt:
     """What to raise once a command has cleaned up after the interruption it caught: exit 143 after
     SIGTERM, 130 after Ctrl-C."""
     return Terminated() if _terminated else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def signals_set(event: threading.Event) -> Iterator[threading.Event]:
+    """While the block runs, SIGINT and SIGTERM set ``event`` (the work stops itself, cleaning up)
+    instead of raising wherever the main thread happens to be; the first one says so on stderr."""
+    def stop(signum, frame) -> None:
+        global _terminated
+        _terminated = _terminated or signum == signal.SIGTERM
+        if not event.is_set():
+            sys.stderr.write("hvbackup: stopping: cleaning up what was started\n")
+        event.set()
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _fail(message: str) -> int:

@@ -8,13 +8,14 @@ problems; 2 the command failed, or ``backup`` failed for at least one VM; 130/14
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from enum import Enum
 from typing import Iterator, Optional
 
 import typer
 
-from hvbackup.cli import interrupted_by, output
+from hvbackup.cli import interrupted_by, output, signals_set
 from hvbackup.cli.host import open_host
 from hvbackup.cli.output import (
     EXIT_FAILED,
@@ -78,7 +79,7 @@ def backup(
 ) -> None:
     """Back VMs up, concurrently, each as one restore point. Each VM gets its own result; exit 2 if
     any failed."""
-    from hvbackup.backup.engine import BackupError, Interrupted, backup_vms
+    from hvbackup.backup.engine import BackupError, backup_vms
 
     host = open_host(host_dir)
     repo = open_repo(repo_path)
@@ -95,9 +96,9 @@ def backup(
             targets[vm.vm_id] = vm
             outcomes[name] = vm
     with vm_progress([vm.name for vm in targets.values()], enabled=not json) as progress, \
-            repo.session() as session:
+            repo.session() as session, signals_set(threading.Event()) as stop:
         done = backup_vms(session, list(targets.values()), method=method.value, full=full, staging=staging,
-                          progress=progress)
+                          progress=progress, cancel=stop)
     finished = dict(zip(targets, done))
     report = [finished[o.vm_id] if not isinstance(o, Exception) else o for o in outcomes.values()]
     for outcome in report:
@@ -110,7 +111,7 @@ def backup(
             warn(f"error: {outcome}")
     if json:
         emit_json([{"vm": o.vm, "error": str(o)} if isinstance(o, BackupError) else o.to_dict() for o in report])
-    if any(isinstance(o, Interrupted) for o in report):
+    if stop.is_set():  # every backup still running when the signal came was undone (Interrupted)
         raise interrupted_by()
     raise typer.Exit(EXIT_FAILED if any(isinstance(o, BackupError) for o in report) else EXIT_OK)
 
@@ -294,7 +295,7 @@ def forget(
                 if found:
                     entry.update(vm_name=found.get("vm_name"), time=retention.point_time(found))
                 elif not any(d.name == entry["point_id"] for d in scan.damaged):
-                    what = ("restore point" if manifest.POINT_ID.match(entry["point_id"])
+                    what = ("restore point" if manifest.POINT_ID.fullmatch(entry["point_id"])
                             else "point ID or entry of points/")
                     raise RepositoryError(f"no {what} {entry['point_id']!r} (nothing was forgotten)")
         else:

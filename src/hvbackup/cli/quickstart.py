@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from hvbackup.cli import interrupted_by, signals_set
 from hvbackup.cli.output import JSON, emit_json, human_size, plural, progress_bar, say, table
 from hvbackup.errors import HvBackupError
 
@@ -199,12 +201,15 @@ def _after(files: dict[str, str], changes: dict[str, bytes | None]) -> dict[str,
 
 
 def _backup(repo: Repository, vm: Vm, method: str, *, full: bool, json: bool):
-    from hvbackup.backup.engine import backup_vm
+    from hvbackup.backup.engine import Interrupted, backup_vm
 
     with progress_bar(f"{'full' if full else 'incremental'} backup ({method})", enabled=not json) as bar, \
-            repo.session() as session:
-        return backup_vm(session, vm, method=method, full=full,
-                         progress=(lambda _vm, done, total: bar(done, total)) if bar else None)
+            repo.session() as session, signals_set(threading.Event()) as stop:
+        try:
+            return backup_vm(session, vm, method=method, full=full, cancel=stop,
+                             progress=(lambda _vm, done, total: bar(done, total)) if bar else None)
+        except Interrupted:  # cleaned up: its checkpoint is gone, nothing was stored
+            raise interrupted_by() from None
 
 
 def _restore(repo: Repository, point_id: str, target: Path, json: bool) -> dict:
