@@ -140,7 +140,7 @@ def test_changes_made_offline_force_a_full_read_and_say_why(setup, method):
     vm.close_disks()
     # Written behind the host's back: change tracking cannot know what changed.
     active = vm.path_of(vm.config.disks[0].active)
-    with disks.open(active, tracked=False) as raw_disk:
+    with disks.open(active) as raw_disk:
         raw_disk.write(5 * MiB, os.urandom(MiB))
     result = backup(repo, vm, method=method)  # an Off VM backs up too
     vm.request_state_change("start")

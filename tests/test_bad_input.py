@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_vhdx_disk import leave_log_pending
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup.disks.check import check
 from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
@@ -345,7 +345,7 @@ def test_a_full_filesystem_is_an_error_naming_the_disk(small_filesystem, name):
     if name.startswith("tracked"):
         tracking.enable(path)
     with pytest.raises(DiskError, match="No space left on device") as caught:
-        with disks.open(path) as disk:
+        with stack.open(path) as disk:
             disk.write(0, b"\x77" * 8 * MiB)
     assert str(path) in str(caught.value)  # the disk, or (tracked) its side file the seal could not save
 

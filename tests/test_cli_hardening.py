@@ -599,9 +599,9 @@ def test_every_path_printed_is_absolute_and_counts_agree_with_their_nouns(hv, hv
     hv_json("disk", "tracking", "rel.vhdx", "on")
     since = hv_json("disk", "tracking", "rel.vhdx", "status")["most_recent_id"]
     assert "0 ranges," in hv("disk", "changes", "rel.vhdx", "--since", since).stdout
-    from hvbackup import disks
+    from hvbackup import stack
 
-    with disks.open(tmp_path / "rel.vhdx") as d:  # a tracked writer
+    with stack.open(tmp_path / "rel.vhdx") as d:  # a tracked writer
         d.write(0, b"x")
     assert "1 range," in hv("disk", "changes", "rel.vhdx", "--since", since).stdout
 

@@ -69,7 +69,7 @@ def _peak_resident() -> int:
 
 
 def _workload(directory: str, fmt: str) -> None:
-    from hvbackup import disks, tracking
+    from hvbackup import stack, tracking
 
     vhdx = fmt == "vhdx"
     size, parent_writes, child_writes = (VHDX_SIZE, VHDX_PARENT, VHDX_CHILD) if vhdx else (VHD_SIZE, VHD_PARENT,
@@ -87,7 +87,7 @@ def _workload(directory: str, fmt: str) -> None:
 
     def verify(path: str, writes: list, offset: int, length: int, piece: int = MiB) -> None:
         buffer = bytearray(piece)
-        with disks.open(path, read_only=True) as disk:
+        with stack.open(path, read_only=True) as disk:
             for at in range(offset, offset + length, piece):
                 view = memoryview(buffer)[:min(piece, offset + length - at)]
                 disk.readinto(at, view)
@@ -99,24 +99,24 @@ def _workload(directory: str, fmt: str) -> None:
                 for at, count, _ in writes]
 
     def build() -> None:
-        disks.create(parent, size).close()
+        stack.create(parent, size).close()
         if vhdx:
             ids["start"] = tracking.enable(parent).most_recent_id
-        with disks.open(parent) as disk:
+        with stack.open(parent) as disk:
             for at, count, value in parent_writes:
                 disk.write(at, bytes([value]) * count)
 
     def open_chain() -> None:
-        with disks.open(parent) as disk:
+        with stack.open(parent) as disk:
             assert disk.size == size
 
     def checkpoint() -> None:
         if vhdx:
             ids["checkpoint"] = tracking.seal(parent)
-        disks.create(child, type="differencing", parent=parent).close()
+        stack.create(child, type="differencing", parent=parent).close()
 
     def write_child() -> None:
-        with disks.open(child) as disk:
+        with stack.open(child) as disk:
             for at, count, value in child_writes:
                 disk.write(at, bytes([value]) * count)
 
@@ -126,7 +126,7 @@ def _workload(directory: str, fmt: str) -> None:
         verify(child, every, 0, 256 * MiB)
 
     def extents() -> None:
-        with disks.open(child, read_only=True) as disk:
+        with stack.open(child, read_only=True) as disk:
             found = list(disk.extents())
         assert found[0].offset == 0 and found[-1].end == size
         assert all(a.end == b.offset for a, b in zip(found, found[1:]))
@@ -143,7 +143,7 @@ def _workload(directory: str, fmt: str) -> None:
             assert processed == size and ranges == granule_runs(writes, granularity, size), (since, ranges)
 
     def merge() -> None:
-        assert disks.merge(child) == parent
+        assert stack.merge(child) == parent
         assert not os.path.exists(child)
 
     step("build", build)

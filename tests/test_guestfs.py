@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from hvbackup import disks, guestfs, tracking
+from hvbackup import disks, guestfs, stack, tracking
 
 MiB = 1 << 20
 GRANULE = guestfs.GRANULE
@@ -100,7 +100,7 @@ def test_apply_changes_reaches_a_tracked_disk_in_granules(tmp_path, image, files
     with disks.create(path, 16 * MiB) as disk, disks.open(image, read_only=True) as built:
         guestfs.write_differences(built, disk)
     since = tracking.enable(path).most_recent_id
-    with disks.open(path) as disk:
+    with stack.open(path) as disk:
         written = guestfs.apply_changes(disk, {"/etc/hostname": b"changed\n"}, str(tmp_path))
         with guestfs.image_of(disk, str(tmp_path)) as copy:
             guestfs.check(copy)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup.errors import HostError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, VmState, checkpoints, recovery, refpoints
 
@@ -88,7 +88,7 @@ def test_destroying_checkpoints_merges_back_in_any_order(vm):
     vm.close_disks()
     assert vm.config.disks[0].chain == [os.path.join("Virtual Hard Disks", "web_disk0.vhdx")]
     assert disk_files(vm) == sorted(f"web_disk{i}.vhdx{s}" for i in (0, 1) for s in ("", ".rct", ".mrt"))
-    assert disks.check(vm.path_of(vm.config.disks[0].active)).ok
+    assert stack.check(vm.path_of(vm.config.disks[0].active)).ok
 
 
 def test_reference_point_keeps_rct_ids_and_answers_later_changes(vm):
@@ -120,7 +120,7 @@ def test_stray_recovery_checkpoints_and_unrecorded_files_are_cleaned(vm, host):
     unowned = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY)
     vm.close_disks()
     stray = os.path.join("Virtual Hard Disks", "web_disk0_LEFTOVER.avhdx")
-    disks.create(vm.path_of(stray), type="differencing", parent=vm.path_of(vm.config.disks[0].active)).close()
+    stack.create(vm.path_of(stray), type="differencing", parent=vm.path_of(vm.config.disks[0].active)).close()
     found = recovery.find_orphans(host)
     assert [c.instance_id for _, c, _ in found.checkpoints] == [gone.instance_id]
     assert [f for _, f in found.files] == [stray]
@@ -136,7 +136,7 @@ def test_an_interrupted_checkpoint_creation_is_undone_on_open(vm, host):
     vm.close_disks()
     document = vm.load()
     leftover = os.path.join("Virtual Hard Disks", "web_disk0_HALF.avhdx")
-    disks.create(vm.path_of(leftover), type="differencing", parent=vm.path_of(vm.config.disks[0].active)).close()
+    stack.create(vm.path_of(leftover), type="differencing", parent=vm.path_of(vm.config.disks[0].active)).close()
     document["intent"] = {"op": "create_checkpoint", "files": [leftover]}
     vm.save(document)
     Host.open(host.directory)
@@ -170,4 +170,4 @@ def test_concurrent_processes_are_serialised(host):
     on_disk = {os.path.join("Virtual Hard Disks", f) for f in disk_files(vm) if f.endswith(("vhdx", "avhdx"))}
     assert recorded == on_disk
     for name in recorded:
-        assert disks.check(vm.path_of(name)).ok
+        assert stack.check(vm.path_of(name)).ok

@@ -16,7 +16,7 @@ import time
 import host_crash_workload as workload
 import pytest
 
-from hvbackup import disks, tracking
+from hvbackup import stack, tracking
 from hvbackup.host import Host, VmState, recovery
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def verify(directory: str) -> dict:
     for files in document["files"].values():
         for name in files:
             assert os.path.exists(vm.path_of(name)), name
-            problems = disks.check(vm.path_of(name)).problems
+            problems = stack.check(vm.path_of(name)).problems
             # A log the kill left pending is what a crash leaves; the next writer replays it.
             assert all(PENDING_LOG in p for p in problems), (name, problems)
     cleaned = recovery.clean(host, max_age=datetime.timedelta(0))

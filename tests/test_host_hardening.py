@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from hvbackup import disks
+from hvbackup import stack
 from hvbackup.errors import DiskError, HostError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, DamagedVm, Host, Vm, checkpoints, ownership, recovery, refpoints
 from hvbackup.host import export as export_module
@@ -262,7 +262,7 @@ def test_a_damaged_document_is_reported_and_the_other_vms_work(host, web, how):
     web.close_disks()
     bad = host.create_vm("bad", [MiB])
     leftover = os.path.join("Virtual Hard Disks", "bad_disk0_LEFTOVER.avhdx")
-    disks.create(bad.path_of(leftover), type="differencing", parent=bad.path_of(bad.config.disks[0].active)).close()
+    stack.create(bad.path_of(leftover), type="differencing", parent=bad.path_of(bad.config.disks[0].active)).close()
     _damage(bad, how)
     damaged_state = tree(bad.directory)
 
@@ -477,7 +477,7 @@ def test_an_interrupted_checkpoint_creation_or_apply_is_undone_at_once(host, web
     target = checkpoints.create(web) if operation == "apply" else None
     web.disk(0).write(0, b"B" * MiB)
     document, files = web.load(), _disk_files(web)
-    interrupt_on_call(monkeypatch, checkpoints.disks, "create", after)
+    interrupt_on_call(monkeypatch, checkpoints.stack, "create", after)
     with pytest.raises(Interrupt):
         if operation == "create":
             checkpoints.create(web)
@@ -503,7 +503,7 @@ def test_a_checkpoint_failing_for_lack_of_space_is_a_host_error_naming_the_file(
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", args[0])
-    monkeypatch.setattr(checkpoints.disks, "create", full)
+    monkeypatch.setattr(checkpoints.stack, "create", full)
     with pytest.raises(HostError, match="No space left on device") as info:
         checkpoints.create(web)
     assert web.vm_id in str(info.value) and ".avhdx" in str(info.value)
@@ -516,7 +516,7 @@ def test_an_interrupted_merge_leaves_an_intent_the_next_open_or_operation_finish
                                                                                    operation):
     checkpoint = checkpoints.create(web, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid())
     web.disk(0).write(MiB, b"C" * MiB)
-    interrupt_on_call(monkeypatch, checkpoints.disks, "merge", 1)  # the second disk's merge
+    interrupt_on_call(monkeypatch, checkpoints.stack, "merge", 1)  # the second disk's merge
     with pytest.raises(Interrupt):
         if operation == "destroy":
             checkpoints.destroy(web, checkpoint.instance_id)

@@ -617,3 +617,150 @@ def test_prune_keeps_the_chunks_of_points_repair_set_aside(tmp_path):
     shutil.move(os.path.join(repo.path, "damaged", "points", old), os.path.join(repo.path, "points", old))
     store(repo, [pattern(37, SMALL) + pattern(38, SMALL)])  # the lost chunk is stored again
     assert read_back(repo, old, 0) == pattern(37, SMALL) + pattern(38, SMALL)
+
+
+# -- the pipe (issue 12): what is compressed, and chunk files made durable by the session's sync threads
+
+
+def chunk_flags(repo: Repository, name_hex: str) -> int:
+    from hvbackup.backup import envelope
+
+    return envelope.HEADER.unpack(Path(chunk_path(repo.path, name_hex)).read_bytes()[:envelope.HEADER.size])[2]
+
+
+def log_text(length: int) -> bytes:
+    return (b"1795630132 backup volume sector read ok latency_ms=3 host=web01\n" * (length // 64 + 1))[:length]
+
+
+@pytest.mark.parametrize("passphrase", [None, "pw"])
+def test_incompressible_pieces_are_stored_as_they_are_and_compressible_ones_compressed(tmp_path, passphrase):
+    """At the default 1 MiB chunks a piece is sampled before zstd compresses it whole; at 64 KiB it
+    is always tried whole. Either way every piece reads back exactly."""
+    from hvbackup.backup import envelope
+
+    for chunk in (DEFAULT_CHUNK_SIZE, SMALL):
+        repo = Repository.init(tmp_path / f"r{chunk}", passphrase=passphrase, chunk_size=chunk)
+        pieces = {
+            "random": (pattern(31, chunk), False),
+            "text": (log_text(chunk), True),
+            "half random, half text": (pattern(32, chunk // 2) + log_text(chunk // 2), True),
+            "random with one zero page": (pattern(33, chunk - 4096) + bytes(4096), chunk == SMALL),
+        }
+        image = b"".join(data for data, _ in pieces.values())
+        point = store(repo, [image])
+        names = repo.point(point)["disks"][0]["chunks"]
+        for slot, (what, (_, compressed)) in enumerate(pieces.items()):
+            flags = chunk_flags(repo, names.name_at(slot))
+            assert bool(flags & envelope.FLAG_COMPRESSED) == compressed, (chunk, what)
+            assert bool(flags & envelope.FLAG_ENCRYPTED) == (passphrase is not None)
+        assert read_back(repo, point, 0) == image
+        assert repo.verify(read_data=True) == []
+
+
+def test_a_compressed_chunk_is_what_a_fresh_level_3_compressor_makes(tmp_path):
+    """Compressors are reused per thread: the stored bytes are those of the format, unchanged."""
+    import zstandard
+
+    repo = Repository.init(tmp_path / "r")
+    data = log_text(repo.chunk_size)
+    point = store(repo, [data, data[::-1]])
+    for index, piece in enumerate((data, data[::-1])):
+        stored = Path(chunk_path(repo.path, repo.point(point)["disks"][index]["chunks"].name_at(0))).read_bytes()
+        assert stored[24:-32] == zstandard.ZstdCompressor(level=3).compress(piece)
+
+
+def test_a_sampled_piece_whose_samples_miss_its_redundancy_is_stored_as_it_is(tmp_path):
+    """The samples decide: text between them does not make a piece compressed, and it round-trips."""
+    from hvbackup.backup import chunks, envelope
+
+    repo = Repository.init(tmp_path / "r")
+    chunk = repo.chunk_size
+    data = bytearray(pattern(34, chunk))
+    step = chunk // chunks.SAMPLES
+    for i in range(chunks.SAMPLES):  # text everywhere except at the samples
+        data[i * step + chunks.SAMPLE: (i + 1) * step] = log_text(step - chunks.SAMPLE)
+    point = store(repo, [bytes(data)])
+    assert not chunk_flags(repo, repo.point(point)["disks"][0]["chunks"].name_at(0)) & envelope.FLAG_COMPRESSED
+    assert read_back(repo, point, 0) == bytes(data)
+
+
+def test_every_chunk_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import threading
+
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    synced, lock = set(), threading.Lock()
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        real_fsync(fd)
+        with lock:
+            synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def rename(src, dst):
+        if os.path.dirname(os.path.dirname(os.path.realpath(dst))) == os.path.realpath(Path(repo.path, "chunks")):
+            with lock:
+                assert os.path.realpath(src) in synced, f"{src} renamed to {dst} before its fsync"
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    image = b"".join(pattern(k, SMALL) for k in range(1, 60))
+    with repo.writer() as w:
+        w.add_disk(0, geometry(len(image)))
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda off: w.put(0, off, image[off: off + SMALL]), range(0, len(image), SMALL)))
+        point = w.commit({})
+    monkeypatch.undo()
+    assert len(chunk_files(repo)) == 59 and read_back(repo, point, 0) == image
+
+
+def test_a_chunk_that_cannot_be_made_durable_fails_the_point_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import threading
+
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    first = store(repo, [pattern(40, SMALL)])
+    staging = os.path.realpath(Path(repo.path, "tmp")) + os.sep
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(staging):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(RepositoryError, match="cannot store chunk [0-9a-f]{64}: Input/output error"):
+        store(repo, [b"".join(pattern(k, SMALL) for k in range(41, 50))])
+    monkeypatch.undo()
+    assert not [t for t in threading.enumerate() if t.name.startswith("hvbackup-sync")]
+    assert repo.point_ids() == [first] and len(chunk_files(repo)) == 1
+    assert os.listdir(Path(repo.path, "tmp")) == [] and repo.verify(read_data=True) == []
+    second = store(repo, [pattern(41, SMALL)])
+    assert read_back(repo, second, 0) == pattern(41, SMALL)
+
+
+def test_writers_of_one_session_share_a_chunk_still_on_its_way(tmp_path, monkeypatch):
+    """A chunk written but not yet fsynced and renamed is not written again by another writer of
+    the session; that writer's commit waits for it."""
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        time.sleep(0.3)
+        real_fsync(fd)
+
+    data = pattern(42, SMALL)
+    with repo.session() as session:
+        a, b = session.writer(), session.writer()
+        a.add_disk(0, geometry(SMALL))
+        b.add_disk(0, geometry(SMALL))
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        a.put(0, 0, data)
+        b.put(0, 0, data)
+        assert a.bytes_stored > 0 and b.bytes_stored == 0
+        assert chunk_files(repo) == []  # on its way: still in tmp/
+        point_b = b.commit({})
+        assert len(chunk_files(repo)) == 1
+        point_a = a.commit({})
+    monkeypatch.undo()
+    assert read_back(repo, point_a, 0) == read_back(repo, point_b, 0) == data

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tools import libvhdi_read, qemu_check, qemu_io, run
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup.errors import TrackingError
 from hvbackup.tracking.changemap import ChangeMap
 from hvbackup.tracking.ids import RctId
@@ -32,7 +32,7 @@ G = 64 * 1024  # the default granularity
 @pytest.fixture
 def tracked(tmp_path) -> str:
     path = str(tmp_path / "disk.vhdx")
-    disks.create(path, 256 * MiB, block_size=MiB).close()
+    stack.create(path, 256 * MiB, block_size=MiB).close()
     tracking.enable(path)
     return path
 
@@ -71,7 +71,7 @@ def test_enabling_seals_the_first_point(tracked):
 
 def test_writes_are_reported_exactly_at_the_granularity(tracked):
     start = first_id(tracked)
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(G - 1, b"ab")                # straddles granules 0 and 1
         disk.write(10 * G + 5, b"c")            # inside granule 10
         disk.trim(100 * G, 3 * G)               # trims count as writes
@@ -85,10 +85,10 @@ def test_writes_are_reported_exactly_at_the_granularity(tracked):
 
 def test_closing_after_writes_seals_and_closing_without_does_not(tracked):
     start = first_id(tracked)
-    with disks.open(tracked):
+    with stack.open(tracked):
         pass
     assert first_id(tracked) == start
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(0, b"x")
     second = first_id(tracked)
     assert RctId.parse(second).sequence == 2 and not tracking.status(tracked).newer_changes
@@ -98,7 +98,7 @@ def test_closing_after_writes_seals_and_closing_without_does_not(tracked):
 
 def test_explicit_seal_splits_history(tracked):
     start = first_id(tracked)
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(0, b"1")
         middle = disk.seal()
         assert not disk.status().newer_changes
@@ -113,7 +113,7 @@ def test_explicit_seal_splits_history(tracked):
 
 def test_query_window_clips_and_pages(tracked):
     start = first_id(tracked)
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         for i in range(0, 40, 2):
             disk.write(i * G, b"x")
     ranges, covered = tracking.query(tracked, start, G // 2, 9 * G)
@@ -138,10 +138,10 @@ def test_ids_from_the_future_and_other_disks_are_invalid(tracked, tmp_path):
 
 def test_disabled_tracking_refuses_queries(tmp_path):
     path = str(tmp_path / "plain.vhdx")
-    disks.create(path, 16 * MiB).close()
+    stack.create(path, 16 * MiB).close()
     assert not tracking.status(path).enabled
     assert code_of(lambda: tracking.query(path, str(RctId(uuid.uuid4(), 1)))) == ERROR_VHD_CHANGE_TRACKING_DISABLED
-    with disks.open(path) as disk:
+    with stack.open(path) as disk:
         assert type(disk).__name__ == "VhdxDisk"  # no filter, no side files
     assert not os.path.exists(path + ".rct")
 
@@ -157,17 +157,17 @@ def test_switching_off_ends_the_history(tracked):
 
 def test_only_vhdx_can_be_tracked(tmp_path):
     path = str(tmp_path / "old.vhd")
-    disks.create(path, 16 * MiB, format="vhd").close()
+    stack.create(path, 16 * MiB, format="vhd").close()
     assert code_of(lambda: tracking.enable(path)) == ERROR_VHD_INVALID_TYPE
     assert code_of(lambda: tracking.seal(path)) == ERROR_VHD_INVALID_TYPE
 
 
 def test_granularity_is_configurable(tmp_path):
     path = str(tmp_path / "fine.vhdx")
-    disks.create(path, 16 * MiB).close()
+    stack.create(path, 16 * MiB).close()
     assert tracking.enable(path, granularity=4096).granularity == 4096
     start = first_id(path)
-    with disks.open(path) as disk:
+    with stack.open(path) as disk:
         disk.write(8192, b"x")
     assert tracking.query(path, start)[0] == [(8192, 4096)]
     tracking.disable(path)
@@ -180,7 +180,7 @@ def test_granularity_is_configurable(tmp_path):
 
 def test_qemu_io_write_is_detected_as_an_offline_change(tracked):
     start = first_id(tracked)
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(0, b"ours")
     ours = first_id(tracked)
     qemu_io(tracked, "vhdx", "write -P 0x5a 1M 64k")
@@ -189,7 +189,7 @@ def test_qemu_io_write_is_detected_as_an_offline_change(tracked):
     for old in (start, ours):
         assert code_of(lambda old=old: tracking.query(tracked, old)) == ERROR_CTLOG_VHD_CHANGED_OFFLINE
     # The next tracked writer starts a new history; the old IDs keep their reason.
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(2 * MiB, b"new")
     fresh = tracking.status(tracked)
     assert fresh.state == "active" and RctId.parse(fresh.most_recent_id).lineage != RctId.parse(start).lineage
@@ -202,18 +202,18 @@ def test_a_restart_ends_the_lineages_the_history_continued_from(tmp_path):
     changes — and the restarted history must save and load (it once kept the fork point, larger
     than the new history's first point, and its .rct was refused as damaged)."""
     parent, child = str(tmp_path / "parent.vhdx"), str(tmp_path / "child.avhdx")
-    disks.create(parent, 64 * MiB, block_size=MiB).close()
+    stack.create(parent, 64 * MiB, block_size=MiB).close()
     tracking.enable(parent)
     for offset in (0, MiB):
-        with disks.open(parent) as disk:
+        with stack.open(parent) as disk:
             disk.write(offset, b"sealed on close")
     inherited = first_id(parent)
-    disks.create(child, type="differencing", parent=parent).close()
+    stack.create(child, type="differencing", parent=parent).close()
     assert tracking.query(child, inherited)[0] == []
-    with disks.open(child, tracked=False) as disk:
+    with disks.open(child) as disk:
         disk.write(4 * MiB, b"behind tracking's back")
     assert tracking.status(child).state == "changed_offline"
-    with disks.open(child) as disk:
+    with stack.open(child) as disk:
         disk.write(8 * MiB, b"restarted")
     restarted = tracking.status(child)
     assert restarted.state == "active" and restarted.problem is None
@@ -221,7 +221,7 @@ def test_a_restart_ends_the_lineages_the_history_continued_from(tmp_path):
 
 
 def test_qemu_reads_and_opens_without_writing_change_nothing(tracked):
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(0, b"\x11" * 4096)
     qemu_check(tracked, "vhdx")
     assert "read 4096/4096" in qemu_io(tracked, "vhdx", "read -P 0x11 0 4k")
@@ -239,7 +239,7 @@ def test_deleted_side_file_means_lost(tracked, side):
     status = tracking.status(tracked)
     assert status.state == "lost" and status.enabled and status.most_recent_id is None
     assert code_of(lambda: tracking.query(tracked, start)) == ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(0, b"x")
     assert tracking.status(tracked).state == "active"
     assert code_of(lambda: tracking.query(tracked, start)) == ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION
@@ -253,7 +253,7 @@ def test_both_side_files_deleted_means_lost(tracked):
 
 @pytest.mark.parametrize("side", [".rct", ".mrt"])
 def test_every_flipped_byte_in_a_side_file_means_lost(tracked, side):
-    with disks.open(tracked) as disk:
+    with stack.open(tracked) as disk:
         disk.write(3 * MiB, b"x")
     start = first_id(tracked)
     path = tracked + side
@@ -274,7 +274,7 @@ def test_every_flipped_byte_in_a_side_file_means_lost(tracked, side):
 
 def test_truncated_and_swapped_side_files_mean_lost(tracked, tmp_path):
     other = str(tmp_path / "other.vhdx")
-    disks.create(other, 256 * MiB, block_size=MiB).close()
+    stack.create(other, 256 * MiB, block_size=MiB).close()
     tracking.enable(other)
     os.replace(other + ".rct", tracked + ".rct")  # another disk's history
     assert tracking.status(tracked).state == "lost"
@@ -334,14 +334,14 @@ def test_ids_of_a_discarded_branch_are_not_answered_on_another(tracked, tmp_path
     """Applying a checkpoint: a second child of the same parent is another branch of history."""
     before = first_id(tracked)
     first, second = str(tmp_path / "first.avhdx"), str(tmp_path / "second.avhdx")
-    with disks.create(first, type="differencing", parent=tracked) as disk:
+    with stack.create(first, type="differencing", parent=tracked) as disk:
         disk.write(0, b"discarded")
     on_first = first_id(first)
     os.unlink(first)
-    with disks.create(second, type="differencing", parent=tracked) as disk:
+    with stack.create(second, type="differencing", parent=tracked) as disk:
         disk.write(5 * G, b"kept")
     assert code_of(lambda: tracking.query(second, on_first)) == ERROR_VHD_INVALID_CHANGE_TRACKING_ID
     assert tracking.query(second, before)[0] == [(5 * G, G)]  # the parent's IDs still hold
-    disks.merge(second)
+    stack.merge(second)
     assert tracking.query(tracked, before)[0] == [(5 * G, G)]
     assert code_of(lambda: tracking.query(tracked, on_first)) == ERROR_VHD_INVALID_CHANGE_TRACKING_ID

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from hvbackup import disks, tracking
+from hvbackup import stack, tracking
 from hvbackup.disks.vhdx.disk import VhdxDisk
 
 MiB = 1 << 20
@@ -28,7 +28,7 @@ def one_line_error(result: subprocess.CompletedProcess, name: str) -> str:
 @pytest.fixture
 def vhdx(tmp_path) -> str:
     path = str(tmp_path / "disk.vhdx")
-    disks.create(path, 64 * MiB).close()
+    stack.create(path, 64 * MiB).close()
     return path
 
 
@@ -41,7 +41,7 @@ def test_tracking_on_status_off(hv, hv_json, vhdx):
     assert on["enabled"] and on["state"] == "active" and on["granularity"] == MiB and not on["newer_changes"]
     assert on["most_recent_id"].startswith("rctX:") and len(on["most_recent_id"]) == 50
     assert hv_json("disk", "tracking", vhdx, "on") == on  # already on: nothing changes
-    with disks.open(vhdx) as disk:
+    with stack.open(vhdx) as disk:
         disk.write(0, b"x")
         assert disk.status().newer_changes
     status = hv("disk", "tracking", vhdx, "status")
@@ -70,7 +70,7 @@ def test_changing_the_granularity_of_running_tracking_is_refused(hv, vhdx):
 
 def test_changes_json_and_table(hv, hv_json, vhdx):
     since = tracking.enable(vhdx, granularity=MiB).most_recent_id
-    with disks.open(vhdx) as disk:
+    with stack.open(vhdx) as disk:
         disk.write(3 * MiB + 5, b"a" * 100)
         disk.write(10 * MiB, b"b" * 3 * MiB)
         disk.trim(40 * MiB, MiB)
@@ -121,7 +121,7 @@ def test_changes_errors_name_the_windows_error(hv, hv_json, tmp_path, vhdx):
 
 def test_a_real_process(vhdx):
     since = tracking.enable(vhdx).most_recent_id
-    with disks.open(vhdx) as disk:
+    with stack.open(vhdx) as disk:
         disk.write(MiB, b"x")
     command = [sys.executable, "-m", "hvbackup", "disk", "changes", vhdx, "--since"]
     done = subprocess.run([*command, since, "--json"], capture_output=True, text=True)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import tracking_crash_workload as workload
 
-from hvbackup import disks, tracking
-from hvbackup.disks.check import check
+from hvbackup import stack, tracking
 from hvbackup.tracking.mrtfile import MIN_REGION as REGION
 
 pytestmark = pytest.mark.slow
@@ -72,11 +71,11 @@ def reported(path: str, change_id: str) -> set[int]:
 def verify(tmp: Path, journal: Journal) -> None:
     base = str(tmp / "base.vhdx")
     if journal.merge_interrupted and os.path.exists(journal.top):
-        disks.merge(journal.top)  # what a user does after a crash: finish the merge
+        stack.merge(journal.top)  # what a user does after a crash: finish the merge
     top = journal.top if journal.top and not journal.merge_interrupted else base
     for opened_for_writing in (False, True):
         if opened_for_writing:
-            disks.open(top).close()  # a writer reopens: recovered marks are saved
+            stack.open(top).close()  # a writer reopens: recovered marks are saved
         status = tracking.status(top)
         assert status.state == "active", status
         for change_id, before in journal.ids.items():
@@ -87,7 +86,7 @@ def verify(tmp: Path, journal: Journal) -> None:
                 allowed = truth | journal.in_flight | {
                     g for r in journal.unsealed_regions for g in range(r * REGION // G, (r + 1) * REGION // G)}
                 assert answer <= allowed, f"{change_id} over-reports outside marked regions"
-    assert check(top).ok
+    assert stack.check(top).ok
 
 
 def test_sigkill_during_tracked_writes(tmp_path, sample):
@@ -97,7 +96,7 @@ def test_sigkill_during_tracked_writes(tmp_path, sample):
     for case in range(cases):
         tmp = tmp_path / f"case{case}"
         tmp.mkdir()
-        disks.create(tmp / "base.vhdx", workload.DISK_SIZE, block_size=MiB).close()
+        stack.create(tmp / "base.vhdx", workload.DISK_SIZE, block_size=MiB).close()
         tracking.enable(str(tmp / "base.vhdx"))
         (tmp / "journal").write_text(f"S {tracking.status(str(tmp / 'base.vhdx')).most_recent_id}\n")
         process = subprocess.Popen([sys.executable, workload.__file__, str(tmp), str(case)], cwd=tmp)

@@ -10,7 +10,7 @@ import tempfile
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from hvbackup import disks, tracking
+from hvbackup import stack, tracking
 
 MiB = 1 << 20
 SIZE = 12 * MiB + 4096           # not a multiple of the block size or the granularity
@@ -26,7 +26,7 @@ class TrackingModel(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="hvbackup-tracking-")
         self.chain = [os.path.join(self.dir, "base.vhdx")]
-        disks.create(self.chain[0], SIZE, block_size=MiB).close()
+        stack.create(self.chain[0], SIZE, block_size=MiB).close()
         tracking.enable(self.chain[0], granularity=GRANULARITY)
         self.disk = None
         self.writes: list[set[int]] = []         # granules of each write, in order
@@ -45,7 +45,7 @@ class TrackingModel(RuleBasedStateMachine):
 
     def _open(self):
         if self.disk is None:
-            self.disk = disks.open(self.chain[-1])
+            self.disk = stack.open(self.chain[-1])
         return self.disk
 
     def _close(self) -> None:
@@ -85,7 +85,7 @@ class TrackingModel(RuleBasedStateMachine):
     def create_child(self):
         self._close()
         child = os.path.join(self.dir, f"child{len(self.chain)}.avhdx")
-        disks.create(child, type="differencing", parent=self.chain[-1], block_size=MiB).close()
+        stack.create(child, type="differencing", parent=self.chain[-1], block_size=MiB).close()
         self.chain.append(child)
         self._capture_current()
 
@@ -93,7 +93,7 @@ class TrackingModel(RuleBasedStateMachine):
     @rule()
     def merge(self):
         self._close()
-        assert disks.merge(self.chain.pop()) == self.chain[-1]
+        assert stack.merge(self.chain.pop()) == self.chain[-1]
         self._capture_current()
 
     # -- the property ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup import virtdisk as vd
 from hvbackup import winerror as w
 from hvbackup.disks.vhdx.disk import VhdxDisk
@@ -69,6 +69,10 @@ def test_information_of_a_dynamic_vhdx(tracked):
         fails(w.ERROR_NOT_SUPPORTED, info, handle, vd.GET_VIRTUAL_DISK_INFO_PARENT_TIMESTAMP)
         fails(w.ERROR_INVALID_PARAMETER, info, handle, vd.GET_VIRTUAL_DISK_INFO_UNSPECIFIED)
         fails(w.ERROR_INVALID_PARAMETER, info, handle, 99)
+    with vd.open_virtual_disk(tracked, vd.VIRTUAL_DISK_ACCESS_ALL) as handle:  # behind the tracking filter
+        assert info(handle, vd.GET_VIRTUAL_DISK_INFO_IDENTIFIER) == data_write_guid
+        vd.write_virtual_disk(handle, 0, b"new data, new DataWriteGuid")
+        assert info(handle, vd.GET_VIRTUAL_DISK_INFO_IDENTIFIER) != data_write_guid
 
 
 def test_information_of_a_differencing_chain_and_of_vhd(tmp_path, vhdx):
@@ -295,7 +299,7 @@ def test_handles_flags_and_sharing(vhdx):
     with vd.open_virtual_disk(vhdx) as reader, vd.open_virtual_disk(vhdx) as second:
         fails(w.ERROR_SHARING_VIOLATION, vd.open_virtual_disk, vhdx, vd.VIRTUAL_DISK_ACCESS_ATTACH_RW)
         with pytest.raises(DiskBusyError):  # nor may any other hvbackup writer
-            disks.open(vhdx)
+            stack.open(vhdx)
         assert vd.read_virtual_disk(second, 0, 4) == bytes(4)
     vd.open_virtual_disk(vhdx, vd.VIRTUAL_DISK_ACCESS_ALL).close()  # every lock was released
 

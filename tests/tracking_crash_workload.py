@@ -14,7 +14,7 @@ import os
 import random
 import sys
 
-from hvbackup import disks, tracking
+from hvbackup import stack, tracking
 
 MiB = 1 << 20
 DISK_SIZE = 2048 * MiB
@@ -28,7 +28,7 @@ def main(directory: str, seed: int) -> None:
         os.write(journal, (line + "\n").encode())
 
     chain = [os.path.join(directory, "base.vhdx")]
-    disk = disks.open(chain[-1])
+    disk = stack.open(chain[-1])
     payload = os.urandom(2 * MiB)
     while True:
         roll = rng.random()
@@ -46,21 +46,21 @@ def main(directory: str, seed: int) -> None:
         elif roll < 0.96:
             disk.close()
             log(f"S {tracking.status(chain[-1]).most_recent_id}")
-            disk = disks.open(chain[-1])
+            disk = stack.open(chain[-1])
         elif roll < 0.98 and len(chain) == 1:
             disk.close()
             log(f"S {tracking.status(chain[-1]).most_recent_id}")
             chain.append(os.path.join(directory, f"child{rng.randrange(1 << 30)}.avhdx"))
-            disks.create(chain[-1], type="differencing", parent=chain[0], block_size=MiB).close()
+            stack.create(chain[-1], type="differencing", parent=chain[0], block_size=MiB).close()
             log(f"C {chain[-1]}")
-            disk = disks.open(chain[-1])
+            disk = stack.open(chain[-1])
         elif len(chain) == 2:
             disk.close()
             log(f"S {tracking.status(chain[-1]).most_recent_id}")
             log("M")
-            disks.merge(chain.pop())
+            stack.merge(chain.pop())
             log("m")
-            disk = disks.open(chain[-1])
+            disk = stack.open(chain[-1])
 
 
 if __name__ == "__main__":

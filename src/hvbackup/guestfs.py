@@ -20,7 +20,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from hvbackup import disks
+from hvbackup import stack
 from hvbackup.disks.copy import copy_data, data_pieces
 from hvbackup.disks.device import BlockDevice, ExtentState
 from hvbackup.errors import HvBackupError
@@ -115,7 +115,7 @@ def image_of(disk: BlockDevice, directory: str | None = None) -> Iterator[str]:
     removed when the block ends."""
     with tempfile.TemporaryDirectory(prefix="hvbackup-guestfs-", dir=directory) as scratch:
         path = os.path.join(scratch, "disk.img")
-        with disks.create(path, disk.size, format="raw") as image:
+        with stack.create(path, disk.size, format="raw") as image:
             copy_data(disk, image, data_pieces(disk.extents()), skip_zeros=True)
         yield path
 
@@ -125,7 +125,7 @@ def apply_changes(disk: BlockDevice, changes: Mapping[str, bytes | None], direct
     change; returns the bytes written to the disk."""
     with image_of(disk, directory) as image:
         edit(image, changes)
-        with disks.open(image, read_only=True) as edited:
+        with stack.open(image, read_only=True) as edited:
             return write_differences(edited, disk)
 
 

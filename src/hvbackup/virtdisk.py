@@ -1,4 +1,4 @@
-"""The VirtDisk calls a backup application makes (virtdisk.h), over ``hvbackup.disks`` and ``hvbackup.tracking``.
+"""The VirtDisk calls a backup application makes (virtdisk.h), over the block stack (``hvbackup.stack``).
 
 ``OpenVirtualDisk``, ``GetVirtualDiskInformation``, ``SetVirtualDiskInformation``,
 ``QueryChangesVirtualDisk`` and reads/writes of the opened disk, with the Windows constant names and
@@ -10,7 +10,7 @@ are reached over SMB 3 with RSVD. docs/virtdisk.md maps each call and constant.
 Which handles may write: a handle is writable when ``read_only`` is False (``OPEN_VIRTUAL_DISK_VERSION_2``
 ``ReadOnly = FALSE``), or, with ``read_only`` left as None, when the access mask holds a bit of
 ``VIRTUAL_DISK_ACCESS_WRITABLE`` (ATTACH_RW, CREATE, METAOPS; so ALL too). GET_INFO, ATTACH_RO, DETACH,
-READ and NONE open read-only. A writable handle holds the disk through ``disks.open``, so its writes
+READ and NONE open read-only. A writable handle holds the disk through ``stack.open``, so its writes
 are tracked, and excludes every other opener; a read-only handle holds a shared lock, so no hvbackup
 writer changes the disk under it. Either way a conflicting open fails with ``ERROR_SHARING_VIOLATION``.
 """
@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup.disks.device import BlockDevice
 from hvbackup.errors import (
     CodedError,
@@ -36,7 +36,6 @@ from hvbackup.errors import (
     ParentError,
     VirtDiskError,
 )
-from hvbackup.tracking.filter import TrackedDisk
 from hvbackup.winerror import (
     ERROR_ACCESS_DENIED,
     ERROR_CTLOG_INCONSISTENT_TRACKING_FILE,
@@ -224,7 +223,10 @@ class VirtualDiskHandle:
         state = "closed" if self.closed else "writable" if self.writable else "read-only"
         return f"<VirtualDiskHandle {self.path!r} {state}>"
 
-    def _live_device(self) -> BlockDevice:
+    @property
+    def device(self) -> BlockDevice:
+        """The opened disk (the top of its stack), for what no VirtDisk call gives: its extents and
+        geometry. ERROR_INVALID_HANDLE once the handle is closed."""
         if self.closed:
             raise VirtDiskError(ERROR_INVALID_HANDLE, f"{self.path}: the virtual disk handle is closed")
         return self._device
@@ -238,7 +240,7 @@ class VirtualDiskHandle:
             action()
         finally:
             try:
-                self._device = disks.open(self.path)
+                self._device = stack.open(self.path)
             except BaseException:
                 self.close()
                 raise
@@ -247,7 +249,7 @@ class VirtualDiskHandle:
 def _device_of(handle) -> BlockDevice:
     if not isinstance(handle, VirtualDiskHandle):
         raise VirtDiskError(ERROR_INVALID_HANDLE, f"{handle!r} is not a virtual disk handle")
-    return handle._live_device()
+    return handle.device
 
 
 # -- Windows errors -------------------------------------------------------------------------------
@@ -313,10 +315,10 @@ def open_virtual_disk(path: str | os.PathLike, access: int = VIRTUAL_DISK_ACCESS
             raise VirtDiskError(ERROR_ACCESS_DENIED, f"{path}: is a directory, not a virtual disk")
         _check_format(path)
         if writable:
-            return VirtualDiskHandle(path, disks.open(path), writable=True, get_info_only=False, lock_fd=None)
+            return VirtualDiskHandle(path, stack.open(path), writable=True, get_info_only=False, lock_fd=None)
         lock_fd = _shared_lock(path)
         try:
-            device = disks.open(path, read_only=True)
+            device = stack.open(path, read_only=True)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -359,8 +361,9 @@ def _shared_lock(path: str) -> int:
 # -- GetVirtualDiskInformation / SetVirtualDiskInformation ----------------------------------------
 
 def _tracking_status(handle: VirtualDiskHandle, device: BlockDevice) -> tracking.TrackingStatus:
-    # A writer's filter knows writes not yet saved; otherwise the files on disk tell.
-    return device.status() if isinstance(device, TrackedDisk) else tracking.status(handle.path)
+    # A writer's tracking filter knows writes not yet saved; otherwise the files on disk tell.
+    tracker = device.change_tracker()
+    return tracker.status() if tracker is not None else tracking.status(handle.path)
 
 
 def _size(handle: VirtualDiskHandle, device: BlockDevice) -> Size:
@@ -369,7 +372,7 @@ def _size(handle: VirtualDiskHandle, device: BlockDevice) -> Size:
 
 def _identifier(handle: VirtualDiskHandle, device: BlockDevice) -> uuid.UUID:
     # What a differencing child records as its parent's identity: a VHDX's DataWriteGuid, a VHD's UniqueId.
-    return device.data_write_guid if device.format == "vhdx" else device.disk_id
+    return device.linkage_id
 
 
 def _parent_location(handle: VirtualDiskHandle, device: BlockDevice) -> ParentLocation:
@@ -447,8 +450,9 @@ def query_changes_virtual_disk(handle: VirtualDiskHandle, change_tracking_id: st
     if flags != QUERY_CHANGES_VIRTUAL_DISK_FLAG_NONE:
         raise VirtDiskError(ERROR_INVALID_PARAMETER, f"QUERY_CHANGES_VIRTUAL_DISK_FLAG {flags!r} is not defined")
     with _windows_errors(handle.path):
-        if isinstance(device, TrackedDisk):
-            return device.query(change_tracking_id, byte_offset, byte_length, max_ranges)
+        tracker = device.change_tracker()
+        if tracker is not None:  # a writer's answer includes its writes not yet sealed
+            return tracker.query(change_tracking_id, byte_offset, byte_length, max_ranges)
         return tracking.query(handle.path, change_tracking_id, byte_offset, byte_length, max_ranges=max_ranges)
 
 

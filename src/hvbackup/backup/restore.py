@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup.backup.repository import Repository
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import RepositoryError
@@ -78,7 +78,7 @@ def _write_disk(repo: Repository, point: dict, index: int, path: str, format: st
     total = _stored_bytes(disk, chunk)
     options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
                "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
-    with disks.create(path, size, format=format, **options) as target:
+    with stack.create(path, size, format=format, **options) as target:
         meter = _WriteMeter(target, total, progress)
         turns = threading.Lock() if format != "raw" else contextlib.nullcontext()
 

@@ -22,7 +22,7 @@ import os
 import shutil
 from typing import Callable, Iterable
 
-from hvbackup import disks, virtdisk
+from hvbackup import stack, virtdisk
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.errors import HostError, HvBackupError, VirtDiskError
 from hvbackup.host.changes import INVALID_STATE
@@ -75,7 +75,7 @@ class DiskReader:
 
 class _VirtDiskReader(DiskReader):
     def __init__(self, handle: virtdisk.VirtualDiskHandle, base_rct_id: str | None):
-        super().__init__(handle._live_device())
+        super().__init__(handle.device)
         self.handle, self.base_rct_id = handle, base_rct_id
 
     def read(self, offset: int, length: int) -> bytes:
@@ -178,7 +178,7 @@ class ExportSource:
             return self._export(None)
 
     def open_disk(self, index: int) -> DiskReader:
-        return _ExportedReader(disks.open(self.files[index], read_only=True), self.full_reason)
+        return _ExportedReader(stack.open(self.files[index], read_only=True), self.full_reason)
 
     def finish(self) -> None:
         """Fold each differential into the full copy below it, under the differential's name (the
@@ -203,12 +203,12 @@ def _staged(base: ReferencePoint, staging: str) -> bool:
 def _fold(path: str) -> None:
     """Merge ``path`` down its chain until it is one full disk, keeping its name."""
     while True:
-        with disks.open(path, read_only=True) as disk:
+        with stack.open(path, read_only=True) as disk:
             parent = disk.parent.path if disk.parent is not None else None
         if parent is None:
             return
         try:
-            disks.merge(path)
+            stack.merge(path)
         except HvBackupError as exc:
             raise HostError(f"folding the staged export {path} into {parent}: {exc}", INVALID_STATE) from None
         os.replace(parent, path)

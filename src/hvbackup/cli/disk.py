@@ -136,7 +136,7 @@ def create(
 ) -> None:
     """Create a new disk file; an existing file is never replaced. A differencing disk takes its size,
     sector sizes and disk ID from --parent."""
-    from hvbackup import disks
+    from hvbackup import stack
 
     path = new_file(path)
     parent = os.path.abspath(parent) if parent is not None else None
@@ -159,7 +159,7 @@ def create(
     sized = {"block_size": _block_size(fmt, type.value, block_size),
              **_sector_sizes(fmt, logical_sector_size, physical_sector_size)}
     with unowned(path, "create"):
-        with disks.create(path, virtual_size, format=fmt, type=type.value, parent=parent, **sized) as disk:
+        with stack.create(path, virtual_size, format=fmt, type=type.value, parent=parent, **sized) as disk:
             details = absolute(disk.info())
     if json:
         emit_json(details)
@@ -195,10 +195,10 @@ def show_fields(fields: dict) -> None:
 def info(path: str = typer.Argument(..., metavar="FILE", help="A VHDX, VHD or raw disk file."),
          json: bool = JSON) -> None:
     """Show what a disk file is: format, type, sizes, identifiers, parent, log state."""
-    from hvbackup import disks
+    from hvbackup import stack
 
     path = os.path.abspath(path)
-    with disks.open(path, read_only=True) as disk:
+    with stack.open(path, read_only=True) as disk:
         details = absolute(disk.info())
     if json:
         emit_json(details)
@@ -214,14 +214,14 @@ def check(
     json: bool = JSON,
 ) -> None:
     """Check a disk file for damage. Exit 0: sound; 1: problems remain (listed)."""
-    from hvbackup import disks
+    from hvbackup import stack
 
     path = os.path.abspath(path)
     if repair:
         with unowned(path, "repair"):
-            report = disks.check(path, repair=True)
+            report = stack.check(path, repair=True)
     else:
-        report = disks.check(path)
+        report = stack.check(path)
     if json:
         emit_json({**report.as_dict(), "path": path})
     else:
@@ -245,14 +245,14 @@ def convert(
     json: bool = JSON,
 ) -> None:
     """Write SRC's contents as a new disk file DST, in any format."""
-    from hvbackup import disks
+    from hvbackup import disks, stack
 
     src, dst = os.path.abspath(src), new_file(dst)
     fmt = _format_of(dst, output_format)
     size = _block_size(fmt, type.value, block_size)
     with unowned(dst, "convert into"), progress_bar(f"converting {os.path.basename(src)}", enabled=not json) as bar:
         disks.convert(src, dst, format=fmt, type=type.value, block_size=size, progress=bar)
-    with disks.open(dst, read_only=True) as disk:
+    with stack.open(dst, read_only=True) as disk:
         details = absolute(disk.info())
     if json:
         emit_json(details)
@@ -265,10 +265,10 @@ def convert(
 def map_(path: str = typer.Argument(..., metavar="FILE", help="The disk file."), json: bool = JSON) -> None:
     """Show the runs of data, zeros and unallocated space, and which file of a chain holds each
     (depth 0: this file, 1: its parent, ...)."""
-    from hvbackup import disks
+    from hvbackup import stack
 
     path = os.path.abspath(path)
-    with disks.open(path, read_only=True) as disk:
+    with stack.open(path, read_only=True) as disk:
         extents = [{"offset": e.offset, "length": e.length, "state": e.state.value, "depth": e.depth}
                    for e in disk.extents()]
     if json:
@@ -282,14 +282,14 @@ def map_(path: str = typer.Argument(..., metavar="FILE", help="The disk file."),
 def merge(child: str = typer.Argument(..., metavar="CHILD", help="The differencing disk to fold into its parent."),
           json: bool = JSON) -> None:
     """Fold a differencing disk into its parent and delete it (like Merge-VHD)."""
-    from hvbackup import disks
+    from hvbackup import stack
 
     child = os.path.abspath(child)
-    with disks.open(child, read_only=True) as disk:
+    with stack.open(child, read_only=True) as disk:
         parent = disk.parent.path if disk.parent is not None else None
     with unowned([child, parent] if parent else [child], "merge"), \
             progress_bar(f"merging {os.path.basename(child)}", enabled=not json) as bar:
-        parent = disks.merge(child, progress=bar)  # a disk with no parent: says there is nothing to merge into
+        parent = stack.merge(child, progress=bar)  # a disk with no parent: says there is nothing to merge into
     merged, into = os.path.abspath(child), os.path.abspath(parent)
     if json:
         emit_json({"merged": merged, "into": into})

@@ -1,8 +1,9 @@
-"""Virtual disk files behind one block device interface: VHDX ([MS-VHDX]), legacy VHD and raw.
+"""Virtual disk formats behind one block device interface: VHDX ([MS-VHDX]), legacy VHD and raw.
 
 ``create`` makes a new disk and returns it open for writing; ``open`` recognises the format by
-content and opens differencing parents itself. ``convert``, ``merge`` and ``compare`` work on any
-mix of formats.
+content and opens differencing parents itself. Both give the format chain only: the layers above
+(change tracking) are composed over it by ``hvbackup.stack``. ``convert``, ``merge`` and
+``compare`` work on any mix of formats; ``merge`` and ``check`` take hooks for those layers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
+from hvbackup.disks.filter import Filter
 from hvbackup.disks.naming import FORMATS, format_for_path, format_named
 from hvbackup.disks.probe import detect_format
 from hvbackup.disks.raw import RawDisk, create_raw
@@ -47,11 +49,6 @@ def create(
     if format == "vhdx":
         create_vhdx(path, size, disk_type=type, block_size=block_size, logical_sector_size=logical_sector_size,
                     physical_sector_size=physical_sector_size, parent_path=parent)
-        if parent is not None:
-            from hvbackup.tracking.chain import inherit  # tracking sits above this layer
-
-            with VhdxDisk.open(path) as child:
-                inherit(child)
     elif format == "vhd":
         if logical_sector_size != 512:
             raise DiskError("VHD disks have 512-byte sectors only")
@@ -63,28 +60,19 @@ def create(
     return open(path)
 
 
-def open(path: str | os.PathLike, *, read_only: bool = False, tracked: bool = True) -> BlockDevice:
-    """Open a disk file of any supported format, with its parents if it is differencing.
-
-    A VHDX with change tracking on, opened for writing, comes back wrapped in the tracking filter,
-    so no hvbackup writer misses recording a change. ``tracked=False`` is for the few operations
-    that update the side files themselves (a merge)."""
+def open(path: str | os.PathLike, *, read_only: bool = False) -> BlockDevice:
+    """Open a disk file of any supported format, with its parents if it is differencing."""
     path = os.fspath(path)
-    disk = _OPENERS[detect_format(path)](path, read_only=read_only)
-    if tracked and not read_only and isinstance(disk, VhdxDisk):
-        from hvbackup.tracking.filter import TrackedDisk  # tracking sits above this layer
-
-        return TrackedDisk.open(disk)
-    return disk
+    return _OPENERS[detect_format(path)](path, read_only=read_only)
 
 
 # The operations on whole disks; imported last because they use create() and open().
 from hvbackup.disks.check import CheckReport, check  # noqa: E402
 from hvbackup.disks.compare import Comparison, compare  # noqa: E402
 from hvbackup.disks.convert import convert  # noqa: E402
-from hvbackup.disks.merge import merge  # noqa: E402
+from hvbackup.disks.merge import MergeHooks, merge  # noqa: E402
 
 __all__ = [
-    "BlockDevice", "CheckReport", "Comparison", "Extent", "ExtentState", "FORMATS", "TYPES",
+    "BlockDevice", "CheckReport", "Comparison", "Extent", "ExtentState", "FORMATS", "Filter", "MergeHooks", "TYPES",
     "check", "compare", "convert", "create", "detect_format", "format_for_path", "merge", "open",
 ]

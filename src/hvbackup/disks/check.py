@@ -1,17 +1,20 @@
 """Checking a disk file for damage, and repairing what can be repaired without losing data.
 
 Every damage the engine detects is a problem: what stops the file from opening (with its parents),
-the damage it survives (a damaged copy of a redundant structure, a log not yet replayed), lost
-change tracking, and a name that claims a format the file does not have. Checking reads only; a
-path that cannot be read at all is an error, any damaged file a report.
+the damage it survives (a damaged copy of a redundant structure, a log not yet replayed), what the
+layers above find wrong with their own records of the disk (``inspect``: lost change tracking), and
+a name that claims a format the file does not have. Checking reads only; a path that cannot be read
+at all is an error, any damaged file a report.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from hvbackup import disks
+from hvbackup.disks.device import BlockDevice
 from hvbackup.disks.fileio import open_disk_file, read_exact
 from hvbackup.disks.naming import format_claimed
 from hvbackup.disks.probe import detect_format
@@ -23,6 +26,7 @@ from hvbackup.errors import DiskError, DiskFormatError
 
 _NAMES = {"vhdx": "VHDX", "vhd": "VHD"}
 _OPENERS = {"vhdx": VhdxDisk.open, "vhd": VhdDisk.open}
+Inspect = Callable[[BlockDevice], list[str]]  # problems a layer above finds in the opened disk
 
 
 @dataclass
@@ -41,9 +45,10 @@ class CheckReport:
                 "problems": self.problems, "repaired": self.repaired}
 
 
-def check(path: str | os.PathLike, *, repair: bool = False) -> CheckReport:
-    """Problems found in ``path``; with ``repair``, those fixed are moved to ``repaired`` and only
-    what remains is reported as a problem. Raises DiskError only for a path that cannot be read."""
+def check(path: str | os.PathLike, *, repair: bool = False, inspect: Inspect | None = None) -> CheckReport:
+    """Problems found in ``path``, with those ``inspect`` finds in the disk opened read-only; with
+    ``repair``, those fixed are moved to ``repaired`` and only what remains is reported as a problem.
+    Raises DiskError only for a path that cannot be read."""
     path = os.fspath(path)
     try:
         fmt = detect_format(path)
@@ -53,13 +58,13 @@ def check(path: str | os.PathLike, *, repair: bool = False) -> CheckReport:
     not_repaired = None
     if repair and fmt is not None:
         report.repaired, not_repaired = _repair(path, fmt)
-    report.problems = _problems(path, fmt)
+    report.problems = _problems(path, fmt, inspect)
     if not_repaired and report.problems and not_repaired not in report.problems:
         report.problems.append(f"not repaired: {not_repaired}")
     return report
 
 
-def _problems(path: str, fmt: str | None) -> list[str]:
+def _problems(path: str, fmt: str | None, inspect: Inspect | None) -> list[str]:
     problems = []
     if fmt is None:
         problems.append("the file is empty: it holds no disk")
@@ -67,8 +72,8 @@ def _problems(path: str, fmt: str | None) -> list[str]:
         try:
             with disks.open(path, read_only=True) as disk:
                 problems += disk.problems()
-                if isinstance(disk, VhdxDisk):
-                    problems += _tracking_problems(disk)
+                if inspect is not None:
+                    problems += inspect(disk)
         except DiskError as exc:
             problems.append(_without_path(str(exc), path))
     claimed = format_claimed(path)
@@ -90,24 +95,14 @@ def _misnamed(path: str, claimed: str, fmt: str | None) -> str:
     return f"{claim}, but the file is not recognised as one"
 
 
-def _tracking_problems(disk: VhdxDisk) -> list[str]:
-    from hvbackup.tracking.state import Condition, load  # tracking sits above this layer
-
-    tracking = load(disk)
-    if tracking.condition != Condition.LOST:
-        return []
-    return [f"change tracking is lost: {tracking.problem} (the next writer starts a new history; the next "
-            f"backup reads the disk in full)"]
-
-
 def _repair(path: str, fmt: str) -> tuple[list[str], str | None]:
     """What was repaired, and why repairing could not run (None if it could)."""
     done = []
     try:
         if fmt == "vhdx" and _restore_identifier(path):
             done.append("restored the file type identifier")
-        # Untracked: no repair changes what a reader sees, so change tracking stays as it is.
-        with disks.open(path, tracked=False) as disk:
+        # The format alone: no repair changes what a reader sees, so the layers above have nothing to record.
+        with disks.open(path) as disk:
             done += disk.repair()
     except DiskError as exc:
         return done, _without_path(str(exc), path)

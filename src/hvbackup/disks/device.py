@@ -1,7 +1,8 @@
 """The block device interface every layer of the I/O stack implements.
 
-A format (VHDX, VHD, raw) sits at the bottom; filters (change tracking, the host's attachment) wrap
-a device and expose the same interface, the way nbdkit stacks filters on a plugin.
+A format (VHDX, VHD, raw; ``filedisk.py``) sits at the bottom; filters (``filter.py``: change
+tracking, the host's attachment) wrap a device and expose the same interface, the way nbdkit stacks
+filters on a plugin. Callers ask a device what it can do rather than what class it is.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-from hvbackup.disks.fileio import zero_fill
 from hvbackup.errors import DiskError
 
 
@@ -37,7 +37,8 @@ class Extent:
 
 
 class BlockDevice(abc.ABC):
-    """size, readinto/read, write, trim, flush, close and extents over a virtual disk."""
+    """What the disk is (size and geometry), readinto/read, write, trim, flush, extents, close, and
+    what the device can do."""
 
     format: str = ""
     disk_type: str = ""
@@ -51,19 +52,25 @@ class BlockDevice(abc.ABC):
     read_only: bool = True
     closed: bool = False
 
-    # -- the interface -------------------------------------------------------------------------
+    # -- I/O -----------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def readinto(self, offset: int, buffer) -> None:
         """Fill ``buffer`` with the virtual disk bytes at ``offset``."""
 
-    @abc.abstractmethod
-    def _write(self, offset: int, data: memoryview) -> None:
-        """Write sector-aligned ``data``; the caller has checked range and writability."""
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        buffer = bytearray(length)
+        self.readinto(offset, buffer)
+        return bytes(buffer)
 
     @abc.abstractmethod
-    def _trim(self, offset: int, length: int) -> None:
-        """Make a sector-aligned range read as zeros, releasing space where the format can."""
+    def write(self, offset: int, data) -> None:
+        """Write ``data`` at any byte offset and length inside the disk."""
+
+    @abc.abstractmethod
+    def trim(self, offset: int, length: int) -> None:
+        """Discard a range: afterwards it reads as zeros."""
 
     @abc.abstractmethod
     def flush(self) -> None:
@@ -74,26 +81,14 @@ class BlockDevice(abc.ABC):
         the final ``flush()`` does not wait for everything at once."""
 
     @abc.abstractmethod
-    def _close(self) -> None:
-        """Flush and release the file; called once."""
-
-    @abc.abstractmethod
-    def _extents(self, start: int, end: int) -> Iterator[Extent]:
-        """Extents covering [start, end) in order; neighbours may repeat a state."""
-
-    # -- shared behaviour ----------------------------------------------------------------------
-
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Contiguous, coalesced extents covering [offset, offset+length) (to the end by default)."""
-        length = self.size - offset if length is None else length
-        self._check_range(offset, length)
-        return coalesce(self._extents(offset, offset + length))
 
-    def read(self, offset: int, length: int) -> bytes:
-        self._check_range(offset, length)
-        buffer = bytearray(length)
-        self.readinto(offset, buffer)
-        return bytes(buffer)
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release the disk; closing again does nothing."""
+
+    # -- what the device is and can do ---------------------------------------------------------
 
     @property
     def write_alignment(self) -> int:
@@ -101,41 +96,16 @@ class BlockDevice(abc.ABC):
         the disk); the logical sector unless a format needs coarser units."""
         return self.logical_sector_size
 
-    def write(self, offset: int, data) -> None:
-        """Write ``data`` at any byte offset and length inside the disk."""
-        view = memoryview(data).cast("B")
-        self._check_writable()
-        self._check_range(offset, len(view))
-        if not view:
-            return
-        unit, end = self.write_alignment, offset + len(view)
-        if offset % unit or (end % unit and end != self.size):
-            offset, view = self._widen(offset, view, unit)
-        self._write(offset, view)
+    @property
+    def linkage_id(self) -> uuid.UUID | None:
+        """What a differencing child records to know this disk as its parent; None for a format that
+        has no children."""
+        return None
 
-    def trim(self, offset: int, length: int) -> None:
-        """Discard a range: afterwards it reads as zeros."""
-        self._check_writable()
-        self._check_range(offset, length)
-        unit = self.write_alignment
-        start = -(-offset // unit) * unit
-        end = self.size if offset + length == self.size else (offset + length) // unit * unit
-        if start >= end:
-            if length:
-                self.write(offset, bytes(length))
-            return
-        if offset < start:
-            self.write(offset, bytes(start - offset))
-        if end < offset + length:
-            self.write(end, bytes(offset + length - end))
-        self._trim(start, end - start)
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self._close()
-            finally:
-                self.closed = True
+    def change_tracker(self):
+        """The layer of this stack that records every write and can say what changed since a point
+        it sealed, or None if no layer does (a filter that tracks changes answers itself)."""
+        return None
 
     def info(self) -> dict:
         """What ``hvbackup disk info`` shows; formats add their own fields."""
@@ -160,27 +130,7 @@ class BlockDevice(abc.ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path!r} {self.disk_type} {self.size} bytes>"
 
-    # -- helpers for subclasses ----------------------------------------------------------------
-
-    def _read_parent(self, offset: int, piece: memoryview) -> None:
-        """Bytes this file does not hold: the parent's, and zeros past its end or without one."""
-        inside = 0 if self.parent is None else max(0, min(len(piece), self.parent.size - offset))
-        if inside:
-            self.parent.readinto(offset, piece[:inside])
-        zero_fill(piece[inside:])
-
-    def _parent_extents(self, start: int, end: int) -> Iterator[Extent]:
-        """[start, end) as the layers below see it, one level deeper; past the parent's end (or
-        with no parent) it is unallocated."""
-        if self.parent is None:
-            yield Extent(start, end - start, ExtentState.UNALLOCATED)
-            return
-        inside = min(end, self.parent.size)
-        if start < inside:
-            for ext in self.parent.extents(start, inside - start):
-                yield Extent(ext.offset, ext.length, ext.state, ext.depth + 1)
-        if inside < end:
-            yield Extent(max(start, inside), end - max(start, inside), ExtentState.UNALLOCATED, 1)
+    # -- checks every layer that takes a call makes --------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> None:
         if self.closed:
@@ -194,18 +144,6 @@ class BlockDevice(abc.ABC):
         if self.read_only:
             raise DiskError(f"{self.path}: disk is open read-only")
 
-    def _widen(self, offset: int, view: memoryview, unit: int) -> tuple[int, memoryview]:
-        """Read-modify-write: extend a write to whole units with the bytes the disk holds around it."""
-        end = offset + len(view)
-        start = offset // unit * unit
-        stop = min(self.size, -(-end // unit) * unit)
-        merged = memoryview(bytearray(stop - start))
-        if start < offset:
-            self.readinto(start, merged[:offset - start])
-        if end < stop:
-            self.readinto(end, merged[end - start:])
-        merged[offset - start:end - start] = view
-        return start, merged
 
 def coalesce(extents: Iterator[Extent]) -> Iterator[Extent]:
     """Merge neighbours with the same state and depth."""

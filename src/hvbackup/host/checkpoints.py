@@ -20,7 +20,7 @@ import contextlib
 import datetime
 import os
 
-from hvbackup import disks, tracking
+from hvbackup import stack, tracking
 from hvbackup.errors import DiskBusyError, HostError, HvBackupError
 from hvbackup.host.document import MAX_PID
 from hvbackup.host.fileerrors import file_errors
@@ -80,7 +80,7 @@ def create(vm: Vm, *, snapshot_type: int = SNAPSHOT_TYPE_FULL, name: str | None 
         vm.save(document)
         with _new_files_undone_on_failure(vm):
             for attachment, child in zip(config.disks, children):
-                disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(attachment.active)).close()
+                stack.create(vm.path_of(child), type="differencing", parent=vm.path_of(attachment.active)).close()
             checkpoint = Checkpoint(
                 instance_id=checkpoint_id,
                 name=name or f"{config.name} - ({now()})",
@@ -179,7 +179,7 @@ def apply(vm: Vm, checkpoint_id: str) -> None:
             frozen = {d.instance_id: d.frozen for d in checkpoint.disks}
             for attachment, child in zip(config.disks, children):
                 parent = frozen[attachment.instance_id]
-                disks.create(vm.path_of(child), type="differencing", parent=vm.path_of(parent)).close()
+                stack.create(vm.path_of(child), type="differencing", parent=vm.path_of(parent)).close()
                 document["files"][attachment.instance_id][child] = parent
                 attachment.chain = _chain_to(document["files"][attachment.instance_id], child)
             document["config"] = config.to_dict()
@@ -235,7 +235,7 @@ def _merge_down(vm: Vm, document: dict, instance_id: str, parent: str, child: st
     files = document["files"][instance_id]
     grandchildren = [f for f, p in files.items() if p == child]
     if os.path.exists(vm.path_of(child)):
-        disks.merge(vm.path_of(child), children=[vm.path_of(g) for g in grandchildren])
+        stack.merge(vm.path_of(child), children=[vm.path_of(g) for g in grandchildren])
     for g in grandchildren:
         files[g] = parent
     del files[child]

@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from hvbackup import disks
+from hvbackup import disks, stack
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import replace_file, sync_directory
@@ -209,7 +209,7 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
     plans = []
     for disk in checkpoint.disks:
         source = vm.path_of(disk.frozen)
-        with disks.open(source, read_only=True) as src:
+        with stack.open(source, read_only=True) as src:
             size, held, block_size = src.size, data_bytes(src.extents()), src.block_size
         if base is None:
             plans.append(_Plan(source, block_size, None, None, held))
@@ -281,8 +281,8 @@ def _differential(source: str, ranges: list[Extent], parent: str, target: str, m
     if not os.path.isfile(parent):
         raise HostError(f"the base's exported disk {parent} is missing; a differential needs it as its parent",
                         INVALID_PARAMETER)
-    with _built_hidden(target) as temp, disks.open(source, read_only=True) as src, \
-            disks.create(temp, format="vhdx", type="differencing", parent=parent) as dst:
+    with _built_hidden(target) as temp, stack.open(source, read_only=True) as src, \
+            stack.create(temp, format="vhdx", type="differencing", parent=parent) as dst:
         _copy_ranges(src, dst, ranges, meter)
 
 
@@ -291,7 +291,7 @@ def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, 
     into it. Moved first, so the base is never left looking whole while holding part of the changes."""
     working = _hidden(target, "merging")
     if os.path.isfile(base_disk):
-        with disks.open(base_disk, read_only=True) as base, disks.open(source, read_only=True) as src:
+        with stack.open(base_disk, read_only=True) as base, stack.open(source, read_only=True) as src:
             if base.parent is not None or base.size != src.size:
                 raise HostError(f"{base_disk} is not a full copy of the disk: Merge needs a full base export",
                                 INVALID_PARAMETER)
@@ -307,7 +307,8 @@ def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, 
         os.rename(target, working)  # finished, but the export was interrupted before its .vmcx
     elif not os.path.isfile(working):
         raise HostError(f"the base's exported disk {base_disk} is missing; Merge writes into it", INVALID_PARAMETER)
-    with disks.open(source, read_only=True) as src, disks.open(working, tracked=False) as dst:
+    # The working file is an export's full disk, never tracked: written as the format alone.
+    with stack.open(source, read_only=True) as src, disks.open(working) as dst:
         _copy_ranges(src, dst, ranges, meter)
     os.rename(working, target)
     sync_directory(os.path.dirname(target))

@@ -7,7 +7,7 @@ import shutil
 import threading
 from typing import Callable, Iterator
 
-from hvbackup import disks, tracking
+from hvbackup import stack, tracking
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import HostError
 from hvbackup.host import store
@@ -135,7 +135,7 @@ class Host:
             attachments = []
             for index, size in enumerate(disk_sizes):
                 relative = os.path.join(DISK_DIRECTORY, f"{name}_disk{index}.vhdx")
-                disks.create(os.path.join(staging, relative), size, block_size=block_size).close()
+                stack.create(os.path.join(staging, relative), size, block_size=block_size).close()
                 tracking.enable(os.path.join(staging, relative))
                 attachments.append(DiskAttachment(disk_instance_id(vm_id, index), [relative], 0, index))
             return VmConfig(vm_id, name, processors, memory_mb, notes, attachments)

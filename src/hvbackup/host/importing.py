@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hvbackup import disks, tracking
+from hvbackup import disks, stack, tracking
 from hvbackup.errors import DiskError, HostError
 from hvbackup.host.document import DocumentProblem, check_config
 from hvbackup.host.export import CONFIG_DIRECTORY, DEFINITION_FORMAT, DEFINITION_VERSION
@@ -105,7 +105,7 @@ def _exported_disk(export_root: str, name: str) -> str:
     if not os.path.isfile(path):
         raise HostError(f"{path}: the exported disk is missing", INVALID_PARAMETER)
     try:
-        disks.open(path, read_only=True).close()
+        stack.open(path, read_only=True).close()
     except DiskError as exc:
         raise HostError(f"{path}: the exported disk cannot be used: {exc} (a differential needs the "
                         "export it was taken against)", INVALID_PARAMETER) from None

@@ -65,7 +65,7 @@ def refuse_if_owned(paths: str | Iterable[str], action: str) -> None:
 def changing(paths: str | Iterable[str], action: str) -> Iterator[None]:
     """Refuse, as ``refuse_if_owned`` does, then hold the lock of every host whose directory holds
     one of ``paths`` until the block ends, so that the answer stays true while the caller changes
-    the files. Usage: ``with changing([child, parent], "merge"): disks.merge(child)``."""
+    the files. Usage: ``with changing([child, parent], "merge"): stack.merge(child)``."""
     located = []
     for path in [paths] if isinstance(paths, (str, bytes, os.PathLike)) else paths:
         real = _real_path(path)

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from hvbackup import disks
-from hvbackup.disks.device import BlockDevice
+from hvbackup import stack
+from hvbackup.disks.device import BlockDevice, Extent
+from hvbackup.disks.filter import Filter
 from hvbackup.errors import DiskBusyError, HostError
 from hvbackup.host import store
 from hvbackup.host.document import DocumentProblem, check_vm_document
@@ -245,7 +246,7 @@ class Vm:
                                 INVALID_STATE)
             try:
                 with file_errors(f"VM {config.name}: opening disk {index}"):
-                    device = disks.open(self.path_of(config.disks[index].active))
+                    device = stack.open(self.path_of(config.disks[index].active))
             except DiskBusyError:
                 raise HostError(f"VM {config.name}: disk {index} is in use by another process",
                                 SYSTEM_IN_USE) from None
@@ -267,48 +268,59 @@ class Vm:
             yield
 
 
-class GuestDisk(BlockDevice):
-    """What the guest sees of one disk: a filter over the disk's active file (itself the change
-    tracking filter over the VHDX), serialised with the VM's checkpoint operations. It stays valid
-    across checkpoints: every call reaches the file that is active at that moment. Closing it
-    releases nothing; the VM owns the open files."""
+class GuestDisk(Filter):
+    """What the guest sees of one disk: a filter over the disk's active file (itself behind the
+    change tracking filter), serialised with the VM's checkpoint operations. It stays valid across
+    checkpoints: ``next`` is the file active at the moment of each call, every I/O call runs under the
+    VM's I/O lock, and what the disk is comes from that file. Closing it releases nothing; the VM
+    owns the open files."""
 
     def __init__(self, vm: Vm, index: int):
+        # No fixed next layer (Filter.__init__): ``next`` is looked up at every call.
         self.vm, self.index = vm, index
-        self.path = f"{vm.name}:disk{index}"
-        self.read_only = False
-        self.closed = False
         with vm.io_lock:
-            device = vm._device(index)
-            for name in ("size", "block_size", "logical_sector_size", "physical_sector_size", "format",
-                         "disk_type", "disk_id"):
-                setattr(self, name, getattr(device, name))
+            vm._device(index)  # a VM that is not running has no disks to reach: fail here, as attaching would
+
+    @property
+    def next(self) -> BlockDevice:
+        with self.vm.io_lock:
+            return self.vm._device(self.index)
+
+    @property
+    def path(self) -> str:
+        return f"{self.vm.name}:disk{self.index}"
 
     def readinto(self, offset: int, buffer) -> None:
         with self.vm.io_lock:
-            self.vm._device(self.index).readinto(offset, buffer)
+            super().readinto(offset, buffer)
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.vm.io_lock:
+            return super().read(offset, length)
 
     def write(self, offset: int, data) -> None:
         with self.vm.io_lock:
-            self.vm._device(self.index).write(offset, data)
+            super().write(offset, data)
 
     def trim(self, offset: int, length: int) -> None:
         with self.vm.io_lock:
-            self.vm._device(self.index).trim(offset, length)
-
-    def _write(self, offset: int, data: memoryview) -> None:
-        self.write(offset, data)
-
-    def _trim(self, offset: int, length: int) -> None:
-        self.trim(offset, length)
+            super().trim(offset, length)
 
     def flush(self) -> None:
         with self.vm.io_lock:
-            self.vm._device(self.index).flush()
+            super().flush()
 
-    def _extents(self, start: int, end: int):
+    def start_flush(self) -> None:
         with self.vm.io_lock:
-            return list(self.vm._device(self.index).extents(start, end - start))
+            super().start_flush()
 
-    def _close(self) -> None:
-        pass
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        with self.vm.io_lock:  # all of them now: a checkpoint may close the file once the lock is let go
+            return iter(list(super().extents(offset, length)))
+
+    def info(self) -> dict:
+        with self.vm.io_lock:
+            return super().info()
+
+    def close(self) -> None:
+        """The VM's files stay open: the VM closes them when it stops or takes a checkpoint."""

@@ -3,7 +3,9 @@
 Tracking lives in two side files next to the disk, ``NAME.vhdx.rct`` (the change map and sealed
 points) and ``NAME.vhdx.mrt`` (regions written since the map was last saved), and in a marker item
 inside the VHDX; docs/tracking.md describes them. Every hvbackup write path records its writes:
-``hvbackup.disks.open`` returns a tracked disk through the :class:`TrackedDisk` filter.
+``hvbackup.stack`` puts the :class:`TrackedDisk` filter over a tracked VHDX opened for writing,
+gives a new differencing child its parent's history (``inherit``) and has a merge hand the child's
+history to the parent (``MergeHandOver``).
 
 IDs look like Hyper-V's (``rctX:<lineage GUID>:<sequence>``). A point is sealed when tracking is
 switched on, when a writer closes the disk after writing, and on request (``seal``).
@@ -14,9 +16,11 @@ from __future__ import annotations
 import os
 
 from hvbackup import disks
+from hvbackup.disks.device import BlockDevice
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import TrackingError
 from hvbackup.tracking import lifecycle, state
+from hvbackup.tracking.chain import MergeHandOver, inherit
 from hvbackup.tracking.filter import TrackedDisk
 from hvbackup.tracking.ids import RctId
 from hvbackup.tracking.state import Condition, TrackingStatus
@@ -71,14 +75,23 @@ def query(path: str, change_id: str, offset: int = 0, length: int | None = None,
 
 def seal(path: str) -> str:
     """Seal a point on a closed disk and return its ID."""
-    _require_vhdx(os.fspath(path))
-    disk = disks.open(path)
-    try:
-        if not isinstance(disk, TrackedDisk):
+    with TrackedDisk.over(_open_vhdx(path, read_only=False)) as disk:
+        tracker = disk.change_tracker()
+        if tracker is None:
             raise TrackingError(ERROR_VHD_CHANGE_TRACKING_DISABLED, f"{path}: change tracking is off")
-        return disk.seal()
-    finally:
-        disk.close()
+        return tracker.seal()
 
 
-__all__ = ["Condition", "RctId", "TrackedDisk", "TrackingStatus", "disable", "enable", "query", "seal", "status"]
+def problems(disk: BlockDevice) -> list[str]:
+    """What ``disks.check`` reports about the tracking of an open disk: that it was lost, if it was."""
+    if not isinstance(disk, VhdxDisk):
+        return []
+    tracking = state.load(disk)
+    if tracking.condition != Condition.LOST:
+        return []
+    return [f"change tracking is lost: {tracking.problem} (the next writer starts a new history; the next "
+            f"backup reads the disk in full)"]
+
+
+__all__ = ["Condition", "MergeHandOver", "RctId", "TrackedDisk", "TrackingStatus", "disable", "enable", "inherit",
+           "problems", "query", "seal", "status"]

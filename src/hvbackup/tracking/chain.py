@@ -4,7 +4,7 @@ child's history back to the parent, so every ID issued before, during and after 
 A merge writes the child's data into the parent. Before the first of those writes, the parent's
 .mrt file marks every region the merge will touch and announces the parent's next DataWriteGuid,
 so a merge that stops half way leaves the parent over-reporting, never missing, and a resumed merge
-finishes the hand-over.
+finishes the hand-over. ``MergeHandOver`` is what ``disks.merge`` calls at those points.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import uuid
 from typing import Iterable
 
-from hvbackup.disks.device import Extent
+from hvbackup.disks.device import BlockDevice, Extent
+from hvbackup.disks.merge import MergeHooks
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.tracking import mrtfile
 from hvbackup.tracking.mrtfile import MrtState, region_size_for
@@ -20,15 +21,15 @@ from hvbackup.tracking.rctfile import MAX_RETIRED, EarlierLineage, RctState, Ret
 from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker, remove_side_files, write_marker
 from hvbackup.tracking.state import Condition, Tracking, load
 
-__all__ = ["begin_merge", "finish_merge", "inherit", "remove_side_files"]
+__all__ = ["MergeHandOver", "inherit"]
 
 
-def _install(disk: VhdxDisk, rct: RctState, mrt: MrtState | None = None) -> None:
-    """Give ``disk`` the history ``rct`` as of its current DataWriteGuid, with ``mrt`` (or no marks)."""
+def _install(disk: VhdxDisk, rct: RctState) -> None:
+    """Give ``disk`` the history ``rct`` as of its current DataWriteGuid, with no marks."""
     rct.data_write_guid = disk.data_write_guid
     rct.save(rct_path(disk.path))
     region = region_size_for(disk.size, rct.changes.granularity)
-    mrtfile.create(mrt_path(disk.path), mrt or MrtState(rct.lineage, rct.last_sealed, disk.size, region))
+    mrtfile.create(mrt_path(disk.path), MrtState(rct.lineage, rct.last_sealed, disk.size, region))
 
 
 def inherit(child: VhdxDisk) -> None:
@@ -50,7 +51,28 @@ def inherit(child: VhdxDisk) -> None:
         write_marker(child, rct.lineage)
 
 
-def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: Iterable[Extent]) -> Tracking | None:
+class MergeHandOver(MergeHooks):
+    """The hooks of one merge: the parent's .mrt marks what the merge will write before it writes,
+    the parent takes the child's history once the data is durable, and the child's side files go
+    with the child."""
+
+    def __init__(self):
+        self._handed: Tracking | None = None
+
+    def before_writes(self, child: BlockDevice, parent: BlockDevice, written: list[Extent]) -> None:
+        if isinstance(child, VhdxDisk) and isinstance(parent, VhdxDisk):
+            self._handed = _begin(child, parent, written)
+
+    def after_flush(self, parent: BlockDevice) -> None:
+        if self._handed is not None:
+            # The child's history is a superset of the parent's, as of the parent's new DataWriteGuid.
+            _install(parent, self._handed.rct)
+
+    def after_delete(self, child_path: str) -> None:
+        remove_side_files(child_path)
+
+
+def _begin(child: VhdxDisk, parent: VhdxDisk, own: Iterable[Extent]) -> Tracking | None:
     """Before a merge writes into ``parent``: returns the child's tracking to hand over, or None."""
     handed = load(child)
     if handed.condition != Condition.ACTIVE:
@@ -58,7 +80,8 @@ def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: It
     present = load(parent)
     if present.condition == Condition.ACTIVE:
         mrt = MrtState(present.lineage, present.rct.last_sealed, parent.size,
-                       region_size_for(parent.size, present.rct.changes.granularity), pending_dwg=next_guid)
+                       region_size_for(parent.size, present.rct.changes.granularity),
+                       pending_dwg=parent.next_data_write_guid)
         if present.mrt.base == mrt.base:
             mrt.marked[:] = present.mrt.marked  # marks a crashed writer of the parent left stay
         shift = mrt.region.bit_length() - 1
@@ -67,10 +90,3 @@ def begin_merge(child: VhdxDisk, parent: VhdxDisk, next_guid: uuid.UUID, own: It
             mrt.marked[first:last + 1] = b"\1" * (last - first + 1)
         mrtfile.create(mrt_path(parent.path), mrt)
     return handed
-
-
-def finish_merge(handed: Tracking, parent: VhdxDisk) -> None:
-    """After the merge's data and metadata are durable in ``parent``: the parent takes the child's
-    history (a superset of its own), as of its new DataWriteGuid."""
-    _install(parent, handed.rct)
-

@@ -1,5 +1,5 @@
-"""The change-tracking filter: a block device over a writable VHDX that records every write and
-trim before passing it down.
+"""The change-tracking filter: a filter over a writable VHDX that records every write and trim
+before passing it on; every other call reaches the VHDX untouched.
 
 The order of one write: mark its region in the .mrt file (durably, only if not yet marked since the
 last save), stamp its granules in the in-memory map, then write the data. The first write of a
@@ -10,9 +10,9 @@ crash afterwards is not mistaken for a foreign writer. Closing after writing sea
 from __future__ import annotations
 
 import uuid
-from typing import Iterator
 
-from hvbackup.disks.device import BlockDevice, Extent
+from hvbackup.disks.device import BlockDevice
+from hvbackup.disks.filter import Filter
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.tracking import lifecycle
 from hvbackup.tracking.ids import RctId
@@ -21,15 +21,14 @@ from hvbackup.tracking.sidefiles import mrt_path
 from hvbackup.tracking.state import Condition, Tracking, TrackingStatus
 
 
-class TrackedDisk(BlockDevice):
-    def __init__(self, inner: VhdxDisk, tracking: Tracking):
-        self.inner, self.tracking = inner, tracking
-        for name in ("format", "disk_type", "path", "size", "block_size", "logical_sector_size",
-                     "physical_sector_size", "disk_id", "parent", "read_only"):
-            setattr(self, name, getattr(inner, name))
-        self.closed = False
+class TrackedDisk(Filter):
+    next: VhdxDisk
+
+    def __init__(self, disk: VhdxDisk, tracking: Tracking):
+        super().__init__(disk)
+        self.tracking = tracking
         mrt = tracking.mrt
-        self._mrt = MrtWriter(mrt_path(inner.path))
+        self._mrt = MrtWriter(mrt_path(disk.path))
         self._region_shift = mrt.region.bit_length() - 1
         self._session_announced = False
         self._written_since_seal = False
@@ -38,15 +37,16 @@ class TrackedDisk(BlockDevice):
         self._fast: tuple | None = None
 
     @classmethod
-    def open(cls, inner: VhdxDisk) -> BlockDevice:
-        """Wrap a disk just opened for writing; a disk whose tracking is off is returned as it is."""
+    def over(cls, disk: VhdxDisk) -> BlockDevice:
+        """The filter over a VHDX just opened for writing, its tracking made ready to record; while
+        tracking is off, the VHDX itself. Closes the VHDX if that fails."""
         try:
-            tracking = lifecycle.open_for_writing(inner)
+            tracking = lifecycle.open_for_writing(disk)
             if tracking.condition == Condition.DISABLED:
-                return inner
-            return cls(inner, tracking)
+                return disk
+            return cls(disk, tracking)
         except BaseException:
-            inner.close()
+            disk.close()
             raise
 
     # -- recording ------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ class TrackedDisk(BlockDevice):
         if unmarked or not self._session_announced:
             if not self._session_announced:
                 mrt.pending_dwg = uuid.uuid4()
-                self.inner.set_next_data_write_guid(mrt.pending_dwg)
+                self.next.set_next_data_write_guid(mrt.pending_dwg)
             marked[first:last + 1] = b"\1" * (last - first + 1)
             self._mrt.commit(mrt)
             self._session_announced = True
@@ -79,7 +79,8 @@ class TrackedDisk(BlockDevice):
             data = memoryview(data).cast("B")
         length = len(data)
         end = offset + length
-        if self.read_only or self.closed or offset < 0 or end > self.size:
+        disk = self.next
+        if disk.read_only or disk.closed or offset < 0 or end > disk.size:
             self._check_writable()
             self._check_range(offset, length)
         fast = self._fast
@@ -91,23 +92,26 @@ class TrackedDisk(BlockDevice):
                     epochs[first] = epoch
                 else:
                     epochs[first:last + 1] = epoch
-                self.inner.write(offset, data)
+                disk.write(offset, data)
                 return
         self._record(offset, length)
-        self.inner.write(offset, data)
+        disk.write(offset, data)
 
     def trim(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check_range(offset, length)
         self._record(offset, length)
-        self.inner.trim(offset, length)
+        self.next.trim(offset, length)
 
     # -- tracking --------------------------------------------------------------------------------
+
+    def change_tracker(self) -> TrackedDisk:
+        return self
 
     def seal(self) -> str:
         """Seal a new point and return its ID: later queries against it return what is written after."""
         self._check_range(0, 0)
-        lifecycle.save(self.inner, self.tracking, seal=True)
+        lifecycle.save(self.next, self.tracking, seal=True)
         self._mrt.commit(self.tracking.mrt)
         self._written_since_seal = False
         self._fast = None
@@ -123,43 +127,16 @@ class TrackedDisk(BlockDevice):
     def query(self, change_id: str, offset: int, length: int, max_ranges: int = 1 << 20):
         return self.tracking.query(change_id, offset, length, max_ranges)
 
-    # -- the rest passes through ---------------------------------------------------------------
-
-    def readinto(self, offset: int, buffer) -> None:
-        self.inner.readinto(offset, buffer)
-
-    def _write(self, offset: int, data: memoryview) -> None:
-        self.inner.write(offset, data)
-
-    def _trim(self, offset: int, length: int) -> None:
-        self.inner.trim(offset, length)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def start_flush(self) -> None:
-        self.inner.start_flush()
-
-    def _extents(self, start: int, end: int) -> Iterator[Extent]:
-        return self.inner.extents(start, end - start)
-
-    @property
-    def write_alignment(self) -> int:
-        return self.inner.write_alignment
-
     def info(self) -> dict:
-        return {**self.inner.info(), "change_tracking": self.status().to_dict()}
+        return {**self.next.info(), "change_tracking": self.status().to_dict()}
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Seals a point if anything was written since the last one, then closes the VHDX."""
+        if self.closed:
+            return
         try:
             if self._written_since_seal:
                 self.seal()
         finally:
             self._mrt.close()
-            self.inner.close()
-
-    def __getattr__(self, name: str):
-        # Format-specific calls (data_write_guid, metadata, ...) reach the VHDX underneath.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+            self.next.close()

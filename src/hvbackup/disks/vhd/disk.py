@@ -23,6 +23,7 @@ every flushed write is present:
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Iterator
 
 import numpy as np
@@ -140,6 +141,11 @@ class VhdDisk(FileDisk):
         sync_data(self._fd)
         self.footer_problems = []
         return [done]
+
+    @property
+    def linkage_id(self) -> uuid.UUID:
+        """A child records its parent's footer UniqueId in its dynamic header."""
+        return self.footer.unique_id
 
     @property
     def write_alignment(self) -> int:

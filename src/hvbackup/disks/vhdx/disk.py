@@ -287,6 +287,11 @@ class VhdxDisk(FileDisk):
     def data_write_guid(self) -> uuid.UUID:
         return self.headers.current.data_write_guid
 
+    @property
+    def linkage_id(self) -> uuid.UUID:
+        """A child records its parent's DataWriteGuid as parent_linkage (2.6.2.6.3)."""
+        return self.data_write_guid
+
     def info(self) -> dict:
         info = super().info()
         info.update(
@@ -508,6 +513,11 @@ class VhdxDisk(FileDisk):
         if self._visible_change_made:
             raise DiskError(f"{self.path}: the DataWriteGuid of this session is already chosen")
         self._next_data_write_guid = guid
+
+    @property
+    def next_data_write_guid(self) -> uuid.UUID | None:
+        """The DataWriteGuid chosen for the next visible change, if one was."""
+        return self._next_data_write_guid
 
     def _pending_pages(self) -> int:
         return len(self.bat.dirty_pages) + len(self._bitmaps.dirty_pages)
