@@ -57,8 +57,8 @@ from hvbackup.backup.engine import backup_vm
 from hvbackup.backup.repository import DEFAULT_CHUNK_SIZE, Repository
 from hvbackup.backup.restore import restore_disk
 from hvbackup.host import Host
+from hvbackup.units import MiB  # noqa: E402
 
-MiB = 1 << 20
 K64 = 64 << 10
 PIECE = 32 * MiB
 PASSPHRASE = "bench-passphrase"

@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 
-MiB = 1 << 20
+from hvbackup.units import MiB
+
 RUN = 16 * MiB
 UNSAFE = "qemu-img -t unsafe (no flush)"
 UNSAFE_SYNC = "qemu-img -t unsafe, then sync"

@@ -36,8 +36,8 @@ import numpy as np
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, checkpoints, refpoints
 from hvbackup.host.export import export_system_definition
 from hvbackup.host.model import ExportSettings
+from hvbackup.units import MiB  # noqa: E402
 
-MiB = 1 << 20
 K64 = 64 << 10
 FILL = 32 * MiB
 

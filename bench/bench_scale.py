@@ -31,7 +31,8 @@ import sys
 import tempfile
 import time
 
-MiB = 1 << 20
+from hvbackup.units import MiB  # noqa: E402
+
 HVBACKUP = [sys.executable, "-m", "hvbackup"]
 BOUNDS = {"incremental backup": (5.0, 500), "guest read": (1.0, None)}
 

@@ -12,8 +12,8 @@ import pytest
 from hvbackup import disks
 from hvbackup.backup.repository import Repository
 from hvbackup.host import Host
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 SIZES = (16 * MiB, 8 * MiB + 512 * 1024)  # a tail chunk on disk 1
 
 

@@ -11,13 +11,14 @@ import subprocess
 import pytest
 
 from hvbackup import disks
-from hvbackup.backup.engine import BackupError, backup_vm, backup_vms, default_staging
+from hvbackup.backup.engine import backup_vm, backup_vms, default_staging
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.restore import restore_disk, restore_vm
+from hvbackup.errors import BackupError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, checkpoints
 from hvbackup.host.model import VmState
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 CHUNK = MiB
 
 

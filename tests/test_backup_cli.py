@@ -16,8 +16,8 @@ from hvbackup.backup import engine
 from hvbackup.backup.repository import Repository
 from hvbackup.cli import output
 from hvbackup.host import Host
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 RESULT_KEYS = {"point_id", "vm", "kind", "method", "bytes_read", "bytes_stored", "seconds", "base_point",
                "reference_point", "notes"}
 

@@ -25,13 +25,13 @@ from blake3 import blake3
 
 from hvbackup import disks
 from hvbackup.backup.chunks import NAME, chunk_path
-from hvbackup.backup.engine import BackupError, backup_vm, default_staging
+from hvbackup.backup.engine import backup_vm, default_staging
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.restore import restore_disk, restore_vm
-from hvbackup.errors import RepositoryError
+from hvbackup.errors import BackupError, RepositoryError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, VmState, recovery
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 CHUNK = 64 << 10  # the smallest chunk size: many chunk files, so prunes and restores take long enough to hit
 SIZES = [8 * MiB, 6 * MiB + CHUNK // 2]  # disk 1 ends in a tail shorter than a chunk
 PASSPHRASE = "x"

@@ -22,8 +22,7 @@ from hvbackup import disks
 from hvbackup.backup.chunks import chunk_path
 from hvbackup.backup.repository import Repository
 from hvbackup.host import Host
-
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 
 def restores_exactly(hv, tmp, point_id: str, expected: list[str]) -> None:

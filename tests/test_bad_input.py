@@ -26,8 +26,8 @@ from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.disks.vhdx.create import BAT_OFFSET, METADATA_OFFSET
 from hvbackup.errors import DiskError, DiskFormatError, HvBackupError, ParentError
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 HEADER_1, HEADER_2 = 64 * 1024, 128 * 1024
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 
 def hv(*args: str, cwd=None) -> subprocess.CompletedProcess:

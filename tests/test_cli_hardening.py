@@ -34,7 +34,8 @@ from pathlib import Path
 import click
 import pytest
 
-MiB = 1 << 20
+from hvbackup.units import MiB
+
 NOBODY = 65534
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 130, 143}
 GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")

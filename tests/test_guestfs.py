@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from hvbackup import disks, guestfs, stack, tracking
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 GRANULE = guestfs.GRANULE
 
 

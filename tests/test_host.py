@@ -11,8 +11,8 @@ import pytest
 from hvbackup import disks, stack, tracking
 from hvbackup.errors import HostError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, VmState, checkpoints, recovery, refpoints
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 G = 64 * 1024
 
 

@@ -18,8 +18,7 @@ from hvbackup.cli.host import finish
 from hvbackup.errors import HostError
 from hvbackup.host import Host
 from hvbackup.host.jobs import ConcreteJob, JobState
-
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,9 @@ import pytest
 
 from hvbackup import stack, tracking
 from hvbackup.host import Host, VmState, recovery
+from hvbackup.units import MiB
 
 pytestmark = pytest.mark.slow
-MiB = 1 << 20
 PENDING_LOG = "the log holds metadata updates not yet applied"
 
 

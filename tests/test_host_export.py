@@ -23,9 +23,9 @@ from hvbackup.host.changes import get_virtual_disk_changes
 from hvbackup.host.export import export_system_definition
 from hvbackup.host.importing import import_system_definition, realize_planned_system
 from hvbackup.host.model import BACKUP_INTENT_MERGE, BACKUP_INTENT_PRESERVE_CHAIN, ExportSettings
+from hvbackup.units import MiB
 from tests.tools import libvhdi_read, qemu_check
 
-MiB = 1 << 20
 K64 = 64 << 10
 
 

@@ -26,8 +26,8 @@ from hvbackup.host.importing import import_system_definition, realize_planned_sy
 from hvbackup.host.jobs import JobState
 from hvbackup.host.model import ExportSettings, VmConfig, check_vm_id, check_vm_name
 from hvbackup.host.services import VirtualSystemManagementService, VirtualSystemSnapshotService
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 INVALID_PARAMETER, SYSTEM_IN_USE, INVALID_STATE = 32773, 32774, 32775
 
 

@@ -20,8 +20,7 @@ from hvbackup.host.services import (
     VirtualSystemReferencePointService,
     VirtualSystemSnapshotService,
 )
-
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from hvbackup import disks
 from hvbackup.disks import copy as copymod
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import DiskError
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 SIZE = 24 * MiB
 
 

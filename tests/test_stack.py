@@ -12,8 +12,8 @@ from hvbackup.disks import Filter, MergeHooks
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import DiskError
 from hvbackup.tracking import TrackedDisk
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 PROPERTIES = ("format", "disk_type", "path", "size", "block_size", "logical_sector_size", "physical_sector_size",
               "disk_id", "parent", "read_only", "closed", "write_alignment", "linkage_id")
 

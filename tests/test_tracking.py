@@ -16,6 +16,7 @@ from hvbackup.errors import TrackingError
 from hvbackup.tracking.changemap import ChangeMap
 from hvbackup.tracking.ids import RctId
 from hvbackup.tracking.rctfile import EarlierLineage, RctState, Retirement
+from hvbackup.units import MiB
 from hvbackup.winerror import (
     ERROR_CTLOG_INCONSISTENT_TRACKING_FILE,
     ERROR_CTLOG_VHD_CHANGED_OFFLINE,
@@ -25,7 +26,6 @@ from hvbackup.winerror import (
     ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION,
 )
 
-MiB = 1 << 20
 G = 64 * 1024  # the default granularity
 
 

@@ -14,8 +14,7 @@ import pytest
 
 from hvbackup import stack, tracking
 from hvbackup.disks.vhdx.disk import VhdxDisk
-
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 
 def one_line_error(result: subprocess.CompletedProcess, name: str) -> str:

@@ -16,9 +16,9 @@ import tracking_crash_workload as workload
 
 from hvbackup import stack, tracking
 from hvbackup.tracking.mrtfile import MIN_REGION as REGION
+from hvbackup.units import MiB
 
 pytestmark = pytest.mark.slow
-MiB = 1 << 20
 G = 64 * 1024
 
 

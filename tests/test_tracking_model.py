@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hvbackup import stack, tracking
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 SIZE = 12 * MiB + 4096           # not a multiple of the block size or the granularity
 GRANULARITY = 256 * 1024
 MAX_DEPTH = 2

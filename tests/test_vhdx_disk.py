@@ -19,8 +19,7 @@ from hvbackup.disks.vhdx import bat as batmod
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.disks.vhdx.journal import Journal
 from hvbackup.errors import DiskBusyError, DiskError, ParentError
-
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 
 class VhdxModel(DiskModel):

@@ -20,9 +20,9 @@ import pytest
 from tools import libvhdi_read, qemu_check, qemu_io, qemu_to_raw, require, run
 
 from hvbackup import disks
+from hvbackup.units import MiB
 
 pytestmark = pytest.mark.interop
-MiB = 1 << 20
 
 
 def pattern(seed: int, length: int) -> bytes:

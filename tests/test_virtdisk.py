@@ -12,9 +12,9 @@ from hvbackup import virtdisk as vd
 from hvbackup import winerror as w
 from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.errors import CodedError, DiskBusyError
+from hvbackup.units import MiB
 from hvbackup.virtdisk import VirtDiskError
 
-MiB = 1 << 20
 SIZE = 64 * MiB
 
 

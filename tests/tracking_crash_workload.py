@@ -15,8 +15,8 @@ import random
 import sys
 
 from hvbackup import stack, tracking
+from hvbackup.units import MiB
 
-MiB = 1 << 20
 DISK_SIZE = 2048 * MiB
 
 

@@ -70,3 +70,21 @@ class RepositoryCorruptError(RepositoryError):
 
 class RepositoryLockedError(RepositoryError):
     """Another process holds the repository's writer lock."""
+
+
+class BackupError(HvBackupError):
+    """A VM's backup failed; its checkpoint was removed and its last reference point kept. ``vm``
+    is the VM's name (as given, when it could not be found)."""
+
+    def __init__(self, vm: str, message: str):
+        super().__init__(f"VM {vm}: {message}")
+        self.vm = vm
+
+
+class Interrupted(BackupError):
+    """The backup was stopped (Ctrl-C, SIGTERM) and cleaned up as a failure is."""
+
+
+class NeedsFull(HvBackupError):
+    """The changes since the base cannot be had for this disk, so it is read in full; the message
+    says why."""

@@ -62,8 +62,12 @@ class Keys:
         return cls(master)
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        return b"".join(self.seal_parts(plaintext, aad))
+
+    def seal_parts(self, plaintext, aad: bytes) -> tuple[bytes, bytes]:
+        """``seal`` as (nonce, ciphertext ‖ tag), for writing without joining them."""
         nonce = os.urandom(NONCE_SIZE)  # random 96-bit nonces: safe far beyond any repository's chunk count
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+        return nonce, self._aead.encrypt(nonce, plaintext, aad)
 
     def open(self, sealed: bytes, aad: bytes, what: str) -> bytes:
         if len(sealed) < OVERHEAD:

@@ -25,15 +25,16 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
 from hvbackup.backup.index import ChunkIndex
 from hvbackup.backup.repository import REPOSITORY_ID, Repository
-from hvbackup.backup.sources import DiskReader, ExportSource, NeedsFull, VirtDiskSource
+from hvbackup.backup.sources import DiskReader, ExportSource, VirtDiskSource
 from hvbackup.backup.writer import Session, Writer
-from hvbackup.errors import HvBackupError, RepositoryError
+from hvbackup.errors import BackupError, HvBackupError, Interrupted, NeedsFull, RepositoryError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
 from hvbackup.host.model import ReferencePoint
 from hvbackup.host.vm import Vm
@@ -41,20 +42,12 @@ from hvbackup.host.vm import Vm
 METHODS = ("virtdisk", "export")
 STAGING_DIRECTORY = "export-staging"
 READ_AHEAD = 6  # chunks in flight per disk: enough to keep hashing and compression on both cores busy
+# Threads that read, hash, compress and write chunks: one per core (the fsyncs run in the repository
+# session's own threads, so these never wait for the disk). Measured: docs/benchmarks.md, "Backup pipe
+# speed (issue 12)".
+WORKERS = max(2, min(8, os.cpu_count() or 2))
 Progress = Callable[[str, int, int], None]  # (VM name, bytes done, bytes to do)
 
-
-class BackupError(HvBackupError):
-    """A VM's backup failed; its checkpoint was removed and its last reference point kept. ``vm``
-    is the VM's name (as given, when it could not be found)."""
-
-    def __init__(self, vm: str, message: str):
-        super().__init__(f"VM {vm}: {message}")
-        self.vm = vm
-
-
-class Interrupted(BackupError):
-    """The backup was stopped (Ctrl-C, SIGTERM) and cleaned up as a failure is."""
 
 
 @dataclass
@@ -343,7 +336,9 @@ class _Meter:
 def _store_disk(writer: Writer, index: int, reader: DiskReader, slots: list[int], meter: _Meter,
                 cancel: threading.Event) -> None:
     """Read the listed chunks in worker threads (reads, hashing and zstd release the GIL), a few
-    ahead; every other slot is the base's, or zeros in a full backup."""
+    ahead; every other slot is the base's, or zeros in a full backup. Returns once every chunk put
+    is in place in the repository, so a failure to store one fails the backup before its
+    checkpoint becomes a reference point."""
     chunk, size = writer.repo.chunk_size, reader.geometry["virtual_size"]
 
     def put(slot: int) -> None:
@@ -353,16 +348,17 @@ def _store_disk(writer: Writer, index: int, reader: DiskReader, slots: list[int]
         writer.put(index, offset, reader.read(offset, length))
         meter.add(length)
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
-        pending = []
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        pending: deque = deque()
         try:
             for slot in slots:
                 pending.append(pool.submit(put, slot))
                 if len(pending) >= READ_AHEAD:
-                    pending.pop(0).result()
-            for future in pending:
-                future.result()
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
+    writer.flush()

@@ -7,12 +7,11 @@ a BLAKE3 checksum of everything before it. Readers check all of it before lookin
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import struct
 
 from blake3 import blake3
 
+from hvbackup import durable
 from hvbackup.errors import RepositoryCorruptError
 
 HEADER = struct.Struct("<8sHHIQ")  # magic, version, flags, reserved (0), payload length
@@ -24,10 +23,17 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_COMPRESSED
 
 
 def frame(magic: bytes, flags: int, payload: bytes) -> bytes:
-    header = HEADER.pack(magic, VERSION, flags, 0, len(payload))
+    return b"".join(frame_parts(magic, flags, [payload]))
+
+
+def frame_parts(magic: bytes, flags: int, payload: list) -> list:
+    """The frame of the payload given as consecutive buffers, as a list of buffers (header, the
+    payload's, checksum) to write in order: the payload is neither joined nor copied."""
+    header = HEADER.pack(magic, VERSION, flags, 0, sum(len(part) for part in payload))
     checksum = blake3(header)
-    checksum.update(payload)  # no concatenated copy of a 4 MiB payload just to hash it
-    return b"".join((header, payload, checksum.digest()))
+    for part in payload:
+        checksum.update(part)
+    return [header, *payload, checksum.digest()]
 
 
 def header_of(magic: bytes, flags: int, payload_length: int) -> bytes:
@@ -83,33 +89,4 @@ def looks_complete(path: str, magic: bytes) -> bool:
 def write_durable(tmp_dir: str, final_path: str, data: bytes) -> None:
     """Write ``data`` to a new file in ``tmp_dir``, fsync it and rename it to ``final_path``: the
     destination is either absent or complete. The caller fsyncs the destination directory."""
-    tmp = os.path.join(tmp_dir, f"{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final_path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def clear_dir(path: str) -> None:
-    """Remove everything in ``path``: stale temporary files a killed writer left (caller holds the lock)."""
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            _unlink_quietly(entry.path)
+    durable.write_file(final_path, [data], staging=tmp_dir, mode=0o600)

@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from hvbackup import durable
 from hvbackup.backup import envelope, manifest
 from hvbackup.backup.chunks import ChunkCodec, chunk_dirs, chunk_path, max_payload
 from hvbackup.backup.crypto import Keys
@@ -146,7 +147,7 @@ class Repository:
         with RepositoryLock(self._sub("lock")):
             try:
                 self.ensure_layout()
-                envelope.clear_dir(self._sub("tmp"))
+                durable.clear(self._sub("tmp"))
             except OSError as exc:
                 raise RepositoryError(f"cannot {doing} {self.path}: {exc.strerror}: {exc.filename}") from None
             yield

@@ -24,15 +24,11 @@ from typing import Callable, Iterable
 
 from hvbackup import stack, virtdisk
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
-from hvbackup.errors import HostError, HvBackupError, VirtDiskError
+from hvbackup.errors import HostError, HvBackupError, NeedsFull, VirtDiskError
 from hvbackup.host.changes import INVALID_STATE
 from hvbackup.host.export import export_system_definition
 from hvbackup.host.model import Checkpoint, ExportSettings, ReferencePoint
 from hvbackup.host.vm import Vm
-
-
-class NeedsFull(HvBackupError):
-    """The changes since the base cannot be had for this disk; the message says why."""
 
 
 def chunks_of(extents: Iterable[Extent], chunk_size: int) -> list[int]:

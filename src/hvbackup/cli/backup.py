@@ -79,7 +79,8 @@ def backup(
 ) -> None:
     """Back VMs up, concurrently, each as one restore point. Each VM gets its own result; exit 2 if
     any failed."""
-    from hvbackup.backup.engine import BackupError, backup_vms
+    from hvbackup.backup.engine import backup_vms
+    from hvbackup.errors import BackupError
 
     host = open_host(host_dir)
     repo = open_repo(repo_path)

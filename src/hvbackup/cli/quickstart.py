@@ -21,12 +21,12 @@ import typer
 from hvbackup.cli import interrupted_by, signals_set
 from hvbackup.cli.output import JSON, emit_json, human_size, plural, progress_bar, say, table
 from hvbackup.errors import HvBackupError
+from hvbackup.units import MiB
 
 if TYPE_CHECKING:
     from hvbackup.backup.repository import Repository
     from hvbackup.host import Host, Vm
 
-MiB = 1 << 20
 DISK_SIZE = 256 * MiB
 VM_NAME = "sample"
 LOG, NOTES, DATABASE = "/var/log/app.log", "/home/guest/notes.txt", "/var/lib/app/database.db"
@@ -201,7 +201,8 @@ def _after(files: dict[str, str], changes: dict[str, bytes | None]) -> dict[str,
 
 
 def _backup(repo: Repository, vm: Vm, method: str, *, full: bool, json: bool):
-    from hvbackup.backup.engine import Interrupted, backup_vm
+    from hvbackup.backup.engine import backup_vm
+    from hvbackup.errors import Interrupted
 
     with progress_bar(f"{'full' if full else 'incremental'} backup ({method})", enabled=not json) as bar, \
             repo.session() as session, signals_set(threading.Event()) as stop:

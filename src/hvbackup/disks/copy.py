@@ -13,7 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
-from hvbackup.disks.fileio import MiB, is_zero
+from hvbackup.disks.fileio import is_zero
+from hvbackup.units import MiB
 
 BUFFER = 4 * MiB
 READ_AHEAD = 4           # buffers in flight: pieces read (and zero-checked) ahead of the writes

@@ -12,14 +12,13 @@ import errno
 import fcntl
 import os
 import stat
-import uuid
 from typing import Iterator
 
 import numpy as np
 
+from hvbackup import durable
 from hvbackup.errors import DiskBusyError, DiskError, DiskFormatError
-
-MiB = 1 << 20
+from hvbackup.units import MiB
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -206,43 +205,34 @@ def sync_data(fd: int) -> None:
 
 @contextlib.contextmanager
 def new_file(path: str) -> Iterator[int]:
-    """Build a new file under a temporary name and link it to ``path`` only once it is complete and
+    """Build a new file under a staged name and link it to ``path`` only once it is complete and
     durable, so a crash never leaves a half-written file there. Refuses to replace an existing file."""
     if os.path.lexists(path):
         raise DiskError(f"{path}: already exists")
-    directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        staged = durable.Staged.next_to(path)
     except OSError as exc:
         raise DiskError(f"{path}: cannot create: {exc.strerror}") from exc
     try:
-        try:
-            yield fd
-            os.fsync(fd)
-        except DiskError as exc:  # the temporary name means nothing to the user: name the file being made
-            raise DiskError(str(exc).replace(temp, path)) from exc
-        finally:
-            os.close(fd)
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            raise DiskError(f"{path}: already exists") from None
-        sync_directory(directory)
+        yield staged.fd
+    except DiskError as exc:  # the staged name means nothing to the user: name the file being made
+        staged.discard()
+        raise DiskError(str(exc).replace(staged.path, path)) from exc
+    except BaseException:
+        staged.discard()
+        raise
+    try:
+        staged.finish(path, replace=False)
+    except FileExistsError:
+        raise DiskError(f"{path}: already exists") from None
     except OSError as exc:
         raise DiskError(f"{path}: cannot create: {exc.strerror}") from exc
-    finally:
-        os.unlink(temp)
 
 
 def sync_directory(directory: str) -> None:
     """Make the directory's entries (a file created, renamed or removed) durable."""
     try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        durable.sync_directory(directory)
     except OSError as exc:
         raise DiskError(f"{directory}: flushing the directory failed: {exc.strerror}") from exc
 
@@ -265,17 +255,7 @@ def remove_file(path: str) -> None:
 
 def replace_file(path: str, data: bytes) -> None:
     """Put ``data`` at ``path`` atomically: a crash leaves either the old file or the new one, whole."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
     try:
-        with open(temp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, path)
-        sync_directory(directory)
+        durable.write_file(path, [data])
     except OSError as exc:
         raise DiskError(f"{path}: cannot write: {exc.strerror}") from exc
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)

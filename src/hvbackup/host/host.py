@@ -24,7 +24,6 @@ from hvbackup.host.model import (
 )
 from hvbackup.host.vm import DISK_DIRECTORY, INVALID_PARAMETER, DamagedVm, Vm
 
-MiB = 1 << 20
 STAGING_SUFFIX = ".partial"
 
 

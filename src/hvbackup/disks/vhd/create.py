@@ -14,7 +14,7 @@ import os
 import uuid
 
 from hvbackup import __version__
-from hvbackup.disks.fileio import MiB, new_file, preallocate, round_up, write_at
+from hvbackup.disks.fileio import new_file, preallocate, round_up, write_at
 from hvbackup.disks.vhd import dynamic_header
 from hvbackup.disks.vhd.disk import VhdDisk
 from hvbackup.disks.vhd.dynamic_header import DEFAULT_BLOCK_SIZE, DynamicHeader
@@ -23,6 +23,7 @@ from hvbackup.disks.vhd.footer import SIZE as FOOTER_SIZE
 from hvbackup.disks.vhd.geometry import geometry_for_size
 from hvbackup.disks.vhd.locator import LocatorEntry, windows_paths
 from hvbackup.errors import DiskError
+from hvbackup.units import MiB
 
 CREATOR_APP = b"hvbk"
 HEADER_OFFSET = FOOTER_SIZE

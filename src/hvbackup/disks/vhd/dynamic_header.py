@@ -8,11 +8,12 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from hvbackup.disks.fileio import MiB, read_exact, round_up
+from hvbackup.disks.fileio import read_exact, round_up
 from hvbackup.disks.vhd.checksum import vhd_checksum
 from hvbackup.disks.vhd.footer import NO_DATA_OFFSET
 from hvbackup.disks.vhd.locator import COUNT, ENTRY, LocatorEntry
 from hvbackup.errors import DiskError, DiskFormatError
+from hvbackup.units import MiB
 
 COOKIE = b"cxsparse"
 SIZE = 1024

@@ -13,9 +13,9 @@ from functools import cached_property
 
 import numpy as np
 
-from hvbackup.disks.fileio import MiB
 from hvbackup.disks.lazymem import lazy_zeros
 from hvbackup.errors import DiskFormatError
+from hvbackup.units import MiB
 
 # 2.5.1.1 payload block states
 NOT_PRESENT = 0

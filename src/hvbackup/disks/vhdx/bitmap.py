@@ -13,8 +13,8 @@ from typing import Callable
 import numpy as np
 
 from hvbackup.disks import bitruns
-from hvbackup.disks.fileio import MiB
 from hvbackup.disks.vhdx.bat import PAGE
+from hvbackup.units import MiB
 
 BITMAP_BLOCK = MiB
 MAX_CACHED = 16  # bitmap blocks kept in memory beyond those with uncommitted changes

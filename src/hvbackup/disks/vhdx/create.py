@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 
 from hvbackup import __version__
-from hvbackup.disks.fileio import MiB, new_file, preallocate, write_at
+from hvbackup.disks.fileio import new_file, preallocate, write_at
 from hvbackup.disks.vhdx import bat as batmod
 from hvbackup.disks.vhdx import header, identifier, region
 from hvbackup.disks.vhdx.bat import Geometry
@@ -23,6 +23,7 @@ from hvbackup.disks.vhdx.disk import VhdxDisk
 from hvbackup.disks.vhdx.locator import ParentLocator, format_linkage, path_entries
 from hvbackup.disks.vhdx.metadata import FileParameters, Metadata
 from hvbackup.errors import DiskError
+from hvbackup.units import MiB
 
 DEFAULT_BLOCK_SIZE = 32 * MiB             # Hyper-V's default for fixed and dynamic disks
 DEFAULT_DIFFERENCING_BLOCK_SIZE = 2 * MiB  # and for differencing disks (AVHDX)

@@ -12,9 +12,10 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from hvbackup.disks.fileio import MiB, read_exact, readinto_at, sync_data, write_at
+from hvbackup.disks.fileio import read_exact, readinto_at, sync_data, write_at
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.errors import DiskError, DiskFormatError
+from hvbackup.units import MiB
 
 SIGNATURE = b"head"
 SIZE = 4096

@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 import uuid
 
-from hvbackup.disks.fileio import MiB, sync_data, write_at
+from hvbackup.disks.fileio import sync_data, write_at
 from hvbackup.disks.vhdx.header import NULL_GUID, HeaderSet
 from hvbackup.disks.vhdx.log import SECTOR, build_entry, entry_length
 from hvbackup.errors import DiskError
+from hvbackup.units import MiB
 
 
 def pages_per_entry(log_length: int) -> int:

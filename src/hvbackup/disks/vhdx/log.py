@@ -13,8 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hvbackup.disks.fileio import MiB
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
+from hvbackup.units import MiB
 
 SECTOR = 4096
 ENTRY_SIGNATURE = b"loge"

@@ -11,9 +11,9 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from hvbackup.disks.fileio import MiB
 from hvbackup.disks.vhdx.locator import ParentLocator
 from hvbackup.errors import DiskError, DiskFormatError
+from hvbackup.units import MiB
 
 SIGNATURE = b"metadata"
 TABLE_SIZE = 64 * 1024

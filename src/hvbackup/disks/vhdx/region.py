@@ -9,9 +9,9 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from hvbackup.disks.fileio import MiB
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.errors import DiskFormatError
+from hvbackup.units import MiB
 
 SIGNATURE = b"regi"
 SIZE = 64 * 1024
