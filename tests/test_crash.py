@@ -10,16 +10,15 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import crash_workload as workload
 import numpy as np
 import pytest
+from crash_harness import Workload
 from tools import qemu_check
 
 from hvbackup import disks
@@ -104,11 +103,7 @@ def test_sigkill_at_random_moments(tmp_path, kind, sample):
         case.mkdir()
         path = _prepare(case, kind)
         seed, ack = rng.randrange(1 << 30), str(case / "ack")
-        child = subprocess.Popen(_command(path, seed, ack), stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0, 0.3))  # the workload runs about 0.25 s after "ready"
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        Workload(*_command(path, seed, ack)[1:]).kill_after(rng.uniform(0, 0.3))  # it runs ~0.25 s after "ready"
         _verify(path, kind, seed, ack)
         shutil.rmtree(case)  # a full run makes thousands of cases; only a failing one is kept
 

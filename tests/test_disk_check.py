@@ -24,8 +24,8 @@ from hvbackup.disks.vhd.footer import Footer
 from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.create import BAT_OFFSET
 from hvbackup.errors import DiskError
+from hvbackup.units import KiB, MiB
 
-KiB, MiB = 1 << 10, 1 << 20
 HEADER_1 = 64 * KiB
 CONTENT = [(0, b"\x5a" * MiB), (3 * MiB + 512, b"\xa5" * 8 * KiB)]
 

@@ -71,10 +71,10 @@ from hvbackup.tracking.changemap import ChangeMap
 from hvbackup.tracking.mrtfile import MrtState
 from hvbackup.tracking.rctfile import DENSE, RUNS, EarlierLineage, RctState, Retirement
 from hvbackup.tracking.sidefiles import MARKER_ITEM, read_marker, write_marker
+from hvbackup.units import GiB, MiB
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("HVBACKUP_REGENERATE_GOLDEN") == "1"
-MiB, GiB = 1 << 20, 1 << 30
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,8 +307,9 @@ def test_vhdx_file_type_identifier():
     assert data[8:8 + 512].decode("utf-16-le").rstrip("\0") == "hvbackup golden"
     assert not any(data[8 + 512:])  # reserved up to the 64 KiB boundary
     assert vident.FileTypeIdentifier.unpack(data).creator == "hvbackup golden"
-    with pytest.raises(DiskFormatError):
+    with pytest.raises(DiskFormatError) as caught:
         vident.FileTypeIdentifier.unpack(b"vhdxfilf" + data[8:])
+    assert caught.value.reason == "vhdx.identifier.signature"
 
 
 def build_header(log_guid=vheader.NULL_GUID, sequence=HEADER_SEQUENCE) -> bytes:
@@ -434,8 +435,9 @@ def test_vhdx_bat_entries():
     # valid there (2.5.1.1, 2.5.1.2).
     dynamic = vbat.Bat(vbat.Geometry(**{**BAT_GEOMETRY, "has_parent": False}), 3 * MiB)
     dynamic.load(0, data[:vbat.Bat.page_bytes_needed(dynamic.geometry)])
-    with pytest.raises(DiskFormatError, match="not allowed"):
+    with pytest.raises(DiskFormatError) as caught:
         dynamic.validate()
+    assert caught.value.reason == "vhdx.bat.state"
 
 
 def build_vhdx_bitmap_page() -> bytes:
@@ -651,8 +653,9 @@ def test_vhdx_file_parameters_item():
     # [MS-VHDX] 2.6.2.1: BlockSize u32; bit 0 LeaveBlockAllocated, bit 1 HasParent, 30 bits reserved.
     assert data == bytes.fromhex("00000002" "01000000")
     assert vmeta.FileParameters.unpack(data) == vmeta.FileParameters(32 * MiB, True, False)
-    with pytest.raises(DiskFormatError, match="reserved"):
+    with pytest.raises(DiskFormatError) as caught:
         vmeta.FileParameters.unpack(data[:4] + bytes.fromhex("04000000"))
+    assert caught.value.reason == "vhdx.metadata.reserved-bits"
 
 
 ALL_LOCATOR_KEYS = {
@@ -840,8 +843,9 @@ def test_windows_vhd_set_sample_uses_the_vhdx_checksum_rule():
         assert copy[:4] == b"shdr" and u64(copy, 8) == sequence
         assert u32(copy, 0x14) == crc32c_with_zeroed_field(copy, 0x14) == spec_crc(copy, 0x14)
         assert vheader.Header.unpack(copy) is None       # not a VHDX header
-    with pytest.raises(DiskFormatError, match="signature"):
+    with pytest.raises(DiskFormatError) as caught:
         vident.FileTypeIdentifier.unpack(data)
+    assert caught.value.reason == "vhdx.identifier.signature"
 
 
 # ================================================================================================
@@ -891,8 +895,9 @@ def test_vhd_footer(kind):
     assert parsed.unique_id == (VHD_PARENT_ID if kind == "dynamic" else VHD_ID)
     damaged = bytearray(data)
     damaged[100] ^= 1
-    with pytest.raises(DiskFormatError, match="checksum"):
+    with pytest.raises(DiskFormatError) as caught:
         vhd_footer.Footer.unpack(bytes(damaged))
+    assert caught.value.reason == "vhd.footer.checksum"
 
 
 def test_vhd_geometry_follows_the_spec_appendix():

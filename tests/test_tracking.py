@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from tools import libvhdi_read, qemu_check, qemu_io, run
 
 from hvbackup import disks, stack, tracking
-from hvbackup.errors import TrackingError
+from hvbackup.errors import TrackingError, TrackingFormatError
 from hvbackup.tracking.changemap import ChangeMap
 from hvbackup.tracking.ids import RctId
+from hvbackup.tracking.mrtfile import MIN_REGION, MrtState
 from hvbackup.tracking.rctfile import EarlierLineage, RctState, Retirement
 from hvbackup.units import MiB
 from hvbackup.winerror import (
@@ -281,6 +282,26 @@ def test_truncated_and_swapped_side_files_mean_lost(tracked, tmp_path):
     with open(other + ".mrt", "r+b") as f:
         f.truncate(100)
     assert tracking.status(other).state == "lost"
+
+
+
+def test_damaged_side_files_name_the_rule_they_break():
+    size = 256 * MiB
+    rct = RctState(uuid.uuid4(), 1, uuid.uuid4(), ChangeMap(size, G), []).pack()
+    mrt = MrtState(uuid.uuid4(), 1, size, MIN_REGION).pack()
+    for unpack, data, virtual_size, reason in [
+        (RctState.unpack, rct[:50], size, "rct.file.truncated"),
+        (RctState.unpack, b"X" + rct[1:], size, "rct.header.magic"),
+        (RctState.unpack, rct[:-1] + bytes([rct[-1] ^ 1]), size, "rct.file.checksum"),
+        (RctState.unpack, rct, size + 512, "rct.header.virtual-size"),
+        (MrtState.unpack, mrt[:50], size, "mrt.file.truncated"),
+        (MrtState.unpack, b"X" + mrt[1:], size, "mrt.header.magic"),
+        (MrtState.unpack, mrt[:-1] + b"\1", size, "mrt.file.checksum"),
+        (MrtState.unpack, mrt, size + 512, "mrt.header.geometry"),
+    ]:
+        with pytest.raises(TrackingFormatError) as caught:
+            unpack(data, virtual_size)
+        assert caught.value.reason == reason
 
 
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=300))

@@ -25,8 +25,8 @@ from hvbackup.disks.vhd.dynamic_header import DynamicHeader
 from hvbackup.disks.vhd.footer import MAX_DISK_SIZE, Footer
 from hvbackup.disks.vhd.geometry import MAX_GEOMETRY, geometry_for_size, geometry_sectors, standard_geometry
 from hvbackup.errors import DiskError, DiskFormatError, ParentError
+from hvbackup.units import KiB, MiB
 
-KiB, MiB = 1 << 10, 1 << 20
 SECTOR = 512
 pytestmark = pytest.mark.timeout(300)
 
@@ -317,8 +317,9 @@ def test_create_refuses_existing_files_and_odd_parents(tmp_path):
         create_vhd(str(tmp_path / "y.vhd"), 2 * MiB, disk_type="differencing", parent_path=path)
     raw = str(tmp_path / "raw.img")
     open(raw, "wb").write(bytes(MiB))
-    with pytest.raises(DiskFormatError, match="not a VHD"):
+    with pytest.raises(DiskFormatError) as caught:
         create_vhd(str(tmp_path / "y.vhd"), None, disk_type="differencing", parent_path=raw)
+    assert caught.value.reason == "vhd.footer.cookie"
     with pytest.raises(DiskError, match="unknown VHD type"):
         create_vhd(str(tmp_path / "y.vhd"), MiB, disk_type="sparse")
 
@@ -506,9 +507,10 @@ def rewrite_footer(path: str, both: bool = True, **changes) -> None:
         poke(path, 0, packed)
 
 
-def expect_format_error(path: str, match: str, error=DiskFormatError) -> None:
-    with pytest.raises(error, match=match):
+def expect_format_error(path: str, reason: str) -> None:
+    with pytest.raises(DiskFormatError) as caught:
         VhdDisk.open(path, read_only=True).close()
+    assert caught.value.reason == reason, caught.value
 
 
 @pytest.mark.timeout(20)
@@ -548,37 +550,39 @@ def test_old_511_byte_footer_is_read(tmp_path, dynamic_file):
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize(
-    "damage, match",
+    "damage, reason",
     [
-        (lambda p: os.truncate(p, 300), "truncated"),
-        (lambda p: open(p, "wb").write(b"\0" * 4096), "not a VHD file"),
-        (lambda p: (flip(p, -512 + 20), flip(p, 20)), "checksum"),
-        (lambda p: (flip(p, -512), flip(p, 0)), "not a VHD file"),
-        (lambda p: flip(p, 512 + 30), "dynamic disk header checksum"),
-        (lambda p: flip(p, 512), "cxsparse"),
-        (lambda p: os.truncate(p, os.path.getsize(p) - 4096), "points past the end"),
-        (lambda p: poke(p, 1536 + 4, struct.pack(">I", 0x7FFFFFF0)), "points past the end"),
-        (lambda p: poke(p, 1536 + 4, open(p, "rb").read()[1536:1540]), "overlap"),
-        (lambda p: poke(p, 1536 + 4, struct.pack(">I", 2)), "overlap"),
-        (lambda p: rewrite_header(p, max_table_entries=0xFFFFFFFF), "past the end"),
-        (lambda p: rewrite_header(p, max_table_entries=3), "too few"),
-        (lambda p: rewrite_header(p, block_size=3 * 64 * KiB), "block size"),
-        (lambda p: rewrite_header(p, block_size=1 << 31), "block size"),
-        (lambda p: rewrite_header(p, table_offset=1 << 40), "past the end"),
-        (lambda p: rewrite_header(p, table_offset=600), "overlap"),
-        (lambda p: rewrite_header(p, version=0x20000), "version"),
-        (lambda p: rewrite_footer(p, disk_type=5), "disk type"),
-        (lambda p: rewrite_footer(p, current_size=MiB + 100), "multiple of 512"),
-        (lambda p: rewrite_footer(p, current_size=4 * MiB), "too few"),
-        (lambda p: rewrite_footer(p, current_size=1 << 50), "2040 GiB"),
-        (lambda p: rewrite_footer(p, data_offset=1 << 40), "past the end"),
-        (lambda p: rewrite_footer(p, data_offset=100), "overlaps the footer copy"),
-        (lambda p: rewrite_footer(p, version=0x30000), "version"),
+        (lambda p: os.truncate(p, 300), "vhd.footer.truncated"),
+        (lambda p: open(p, "wb").write(b"\0" * 4096), "vhd.footer.cookie"),
+        (lambda p: (flip(p, -512 + 20), flip(p, 20)), "vhd.footer.checksum"),
+        (lambda p: (flip(p, -512), flip(p, 0)), "vhd.footer.cookie"),
+        (lambda p: flip(p, 512 + 30), "vhd.dynamic-header.checksum"),
+        (lambda p: flip(p, 512), "vhd.dynamic-header.cookie"),
+        (lambda p: os.truncate(p, os.path.getsize(p) - 4096), "vhd.bat.entry-beyond-file"),
+        (lambda p: poke(p, 1536 + 4, struct.pack(">I", 0x7FFFFFF0)), "vhd.bat.entry-beyond-file"),
+        (lambda p: poke(p, 1536 + 4, open(p, "rb").read()[1536:1540]), "vhd.bat.overlap"),
+        (lambda p: poke(p, 1536 + 4, struct.pack(">I", 2)), "vhd.bat.overlap"),
+        (lambda p: rewrite_header(p, max_table_entries=0xFFFFFFFF), "vhd.bat.beyond-file"),
+        (lambda p: rewrite_header(p, max_table_entries=3), "vhd.dynamic-header.max-table-entries"),
+        (lambda p: rewrite_header(p, block_size=3 * 64 * KiB), "vhd.dynamic-header.block-size"),
+        (lambda p: rewrite_header(p, block_size=1 << 31), "vhd.dynamic-header.block-size"),
+        (lambda p: rewrite_header(p, table_offset=1 << 40), "vhd.bat.beyond-file"),
+        (lambda p: rewrite_header(p, table_offset=600), "vhd.bat.overlap"),
+        (lambda p: rewrite_header(p, version=0x20000), "vhd.dynamic-header.version"),
+        (lambda p: rewrite_footer(p, disk_type=5), "vhd.footer.disk-type"),
+        (lambda p: rewrite_footer(p, current_size=MiB + 100), "vhd.footer.disk-size"),
+        (lambda p: rewrite_footer(p, current_size=4 * MiB), "vhd.dynamic-header.max-table-entries"),
+        (lambda p: rewrite_footer(p, current_size=1 << 50), "vhd.footer.disk-size"),
+        (lambda p: rewrite_footer(p, data_offset=1 << 40), "vhd.dynamic-header.beyond-file"),
+        (lambda p: rewrite_footer(p, data_offset=100), "vhd.footer.data-offset"),
+        (lambda p: rewrite_footer(p, version=0x30000), "vhd.footer.version"),
+        # The footer at the end gone, and the copy claiming a fixed disk, which has no copy.
+        (lambda p: (rewrite_footer(p, disk_type=2), poke(p, -512, bytes(512))), "vhd.footer.missing"),
     ],
 )
-def test_malformed_dynamic_disks_are_refused(dynamic_file, damage, match):
+def test_malformed_dynamic_disks_are_refused(dynamic_file, damage, reason):
     damage(dynamic_file)
-    expect_format_error(dynamic_file, match)
+    expect_format_error(dynamic_file, reason)
 
 
 @pytest.mark.timeout(20)
@@ -586,10 +590,11 @@ def test_malformed_fixed_disks_are_refused(tmp_path):
     path = str(tmp_path / "f.vhd")
     create_vhd(path, MiB, disk_type="fixed")
     flip(path, -512 + 40)
-    expect_format_error(path, "checksum")
+    expect_format_error(path, "vhd.footer.checksum")
     create_vhd(path + "2", MiB, disk_type="fixed")
     rewrite_footer(path + "2", both=False, current_size=2 * MiB)
-    expect_format_error(path + "2", "truncated")
+    with pytest.raises(DiskFormatError, match="truncated"):
+        VhdDisk.open(path + "2", read_only=True)
 
 
 @pytest.fixture
@@ -604,7 +609,8 @@ def chain(tmp_path):
 def test_missing_parent(chain):
     parent, child = chain
     os.unlink(parent)
-    expect_format_error(child, "parent not found", ParentError)
+    with pytest.raises(ParentError, match="parent not found"):
+        VhdDisk.open(child, read_only=True)
 
 
 @pytest.mark.timeout(20)
@@ -612,14 +618,16 @@ def test_replaced_parent_is_refused(chain):
     parent, child = chain
     os.unlink(parent)
     create_vhd(parent, MiB, disk_type="dynamic")
-    expect_format_error(child, "unique id", ParentError)
+    with pytest.raises(ParentError, match="unique id"):
+        VhdDisk.open(child, read_only=True)
 
 
 @pytest.mark.timeout(20)
 def test_parent_that_is_not_a_vhd(chain):
     parent, child = chain
     open(parent, "wb").write(bytes(MiB))
-    expect_format_error(child, "cannot be used", ParentError)
+    with pytest.raises(ParentError, match="cannot be used"):
+        VhdDisk.open(child, read_only=True)
 
 
 @pytest.mark.timeout(20)
@@ -629,7 +637,8 @@ def test_parent_loop(tmp_path, chain):
     looped = str(tmp_path / "looped.vhd")
     create_vhd(looped, None, disk_type="differencing", parent_path=child)
     os.replace(looped, parent)
-    expect_format_error(child, "loops back", ParentError)
+    with pytest.raises(ParentError, match="loops back"):
+        VhdDisk.open(child, read_only=True)
 
 
 @pytest.mark.timeout(20)
@@ -644,7 +653,8 @@ def test_chain_depth_is_bounded(tmp_path, monkeypatch):
     VhdDisk.open(previous, read_only=True).close()   # 4 files: 3 links
     deepest = str(tmp_path / "4.vhd")
     create_vhd(deepest, None, disk_type="differencing", parent_path=previous)
-    expect_format_error(deepest, "deeper than 3", ParentError)
+    with pytest.raises(ParentError, match="deeper than 3"):
+        VhdDisk.open(deepest, read_only=True)
 
 
 @pytest.mark.timeout(20)
@@ -654,7 +664,7 @@ def test_locator_data_past_the_end(chain):
         header = disk.header
     bad = dataclasses.replace(header.locators[0], data_offset=1 << 40)
     rewrite_header(child, locators=(bad, *header.locators[1:]))
-    expect_format_error(child, "past the end")
+    expect_format_error(child, "vhd.parent-locator.beyond-file")
 
 
 @settings(max_examples=150, deadline=None)

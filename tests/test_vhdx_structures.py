@@ -42,25 +42,29 @@ def test_current_header_is_the_valid_one_with_the_higher_sequence():
     raw = [low.pack(), high.pack()]
     assert header.choose_current([low, high], raw) == 1
     assert header.choose_current([low, None], raw) == 0
-    with pytest.raises(DiskFormatError, match="no valid VHDX header"):
+    with pytest.raises(DiskFormatError) as caught:
         header.choose_current([None, None], raw)
+    assert caught.value.reason == "vhdx.header.checksum"
     # Disk2VHD writes two identical headers; accepted. Different ones with equal numbers are not.
     assert header.choose_current([low, low], [raw[0], raw[0]]) == 0
-    with pytest.raises(DiskFormatError, match="same sequence number"):
+    with pytest.raises(DiskFormatError) as caught:
         header.choose_current([make(5), make(5)], [make(5).pack(), make(5).pack()])
+    assert caught.value.reason == "vhdx.header.sequence"
 
 
 def test_header_rules():
     base = header.Header(1, uuid.uuid4(), uuid.uuid4(), header.NULL_GUID, 1 << 20, 1 << 20)
     header.validate(base)
-    for bad, message in [
-        ({"version": 2}, "unsupported VHDX version"),
-        ({"log_version": 1, "log_guid": uuid.uuid4()}, "unsupported VHDX log version"),
-        ({"log_offset": 4096}, "multiples of 1 MiB"),
-        ({"log_offset": 0}, "overlaps the header"),
+    for bad, reason in [
+        ({"version": 2}, "vhdx.header.version"),
+        ({"log_version": 1, "log_guid": uuid.uuid4()}, "vhdx.header.log-version"),
+        ({"log_offset": 4096}, "vhdx.header.log-alignment"),
+        ({"log_offset": 0}, "vhdx.header.log-overlap"),
+        ({"log_length": 0, "log_guid": uuid.uuid4()}, "vhdx.header.no-log-space"),
     ]:
-        with pytest.raises(DiskFormatError, match=message):
+        with pytest.raises(DiskFormatError) as caught:
             header.validate(header.Header(**{**base.__dict__, **bad}))
+        assert caught.value.reason == reason
 
 
 def test_region_table_round_trip_and_rules():
@@ -73,19 +77,22 @@ def test_region_table_round_trip_and_rules():
         region.RegionEntry(region.BAT_GUID, 2 << 20, 2 << 20, True),
         region.RegionEntry(region.METADATA_GUID, 3 << 20, 1 << 20, True),
     ))
-    with pytest.raises(DiskFormatError, match="overlap"):
+    with pytest.raises(DiskFormatError) as caught:
         region.RegionTable.unpack(overlapping.pack())
+    assert caught.value.reason == "vhdx.region.overlap"
     damaged = bytearray(table.pack())
     damaged[40] ^= 0x80
-    with pytest.raises(DiskFormatError, match="checksum"):
+    with pytest.raises(DiskFormatError) as caught:
         region.RegionTable.unpack(bytes(damaged))
+    assert caught.value.reason == "vhdx.region.checksum"
     too_many = bytearray(table.pack())
     struct.pack_into("<I", too_many, 8, 5000)
     struct.pack_into("<I", too_many, 4, 0)
     from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
     struct.pack_into("<I", too_many, 4, crc32c_with_zeroed_field(too_many, 4))
-    with pytest.raises(DiskFormatError, match="at most 2047"):
+    with pytest.raises(DiskFormatError) as caught:
         region.RegionTable.unpack(bytes(too_many))
+    assert caught.value.reason == "vhdx.region.entry-count"
 
 
 @given(st.integers(0, 600))
@@ -143,8 +150,9 @@ def test_active_sequence_is_the_newest_complete_one():
     wrapping = build(9, 62 * SECTOR, 3)
     ring = _ring([(62 * SECTOR, wrapping)], 64 * SECTOR)
     assert [e.sequence for e in find_active_sequence(ring, guid)] == [9]
-    with pytest.raises(DiskFormatError, match="no valid log sequence"):
+    with pytest.raises(DiskFormatError) as caught:
         find_active_sequence(bytes(64 * SECTOR), guid)
+    assert caught.value.reason == "vhdx.log.sequence"
 
 
 def test_geometry_counts_and_interleaving():
@@ -157,10 +165,17 @@ def test_geometry_counts_and_interleaving():
     diff = Geometry(10 << 30, 1 << 20, 512, has_parent=True)
     assert diff.entry_count == 3 * 4097
     assert Geometry(1 << 40, 256 << 20, 4096, has_parent=False).chunk_ratio == 128
-    for bad in [(0, 1 << 20, 512), (1000, 1 << 20, 512), (1 << 30, 3 << 20, 512), (1 << 30, 1 << 20, 1024),
-                ((64 << 40) + 512, 1 << 20, 512), (1 << 30, 512 << 20, 512)]:
-        with pytest.raises(DiskFormatError):
+    for bad, reason in [
+        ((0, 1 << 20, 512), "vhdx.metadata.virtual-size"),
+        ((1000, 1 << 20, 512), "vhdx.metadata.virtual-size"),
+        (((64 << 40) + 512, 1 << 20, 512), "vhdx.metadata.virtual-size"),
+        ((1 << 30, 3 << 20, 512), "vhdx.metadata.block-size"),
+        ((1 << 30, 512 << 20, 512), "vhdx.metadata.block-size"),
+        ((1 << 30, 1 << 20, 1024), "vhdx.metadata.logical-sector-size"),
+    ]:
+        with pytest.raises(DiskFormatError) as caught:
             Geometry(*bad, has_parent=False)
+        assert caught.value.reason == reason
 
 
 def test_metadata_round_trip_keeps_unknown_items():
@@ -178,8 +193,9 @@ def test_metadata_round_trip_keeps_unknown_items():
     assert [(e.item_id, d) for e, d in again.other_items] == [(e.item_id, d) for e, d in md.other_items]
     required = (MetadataEntry(uuid.uuid4(), 0, 4, is_required=True), b"need")
     strict = Metadata(**{**md.__dict__, "other_items": (required,)}).pack(1 << 20)
-    with pytest.raises(DiskFormatError, match="does not know"):
+    with pytest.raises(DiskFormatError) as caught:
         Metadata.read(lambda off, n: strict[off:off + n], 1 << 20)
+    assert caught.value.reason == "vhdx.metadata.unknown-required"
 
 
 def test_parent_locator_rules(tmp_path):
@@ -189,13 +205,15 @@ def test_parent_locator_rules(tmp_path):
     assert len(good.linkages) == 1
     child = str(tmp_path / "child" / "c.vhdx")
     assert good.candidates(child) == [str(tmp_path / "base" / "p.vhdx"), "/srv/p.vhdx"]
-    for entries, message in [
-        ({"relative_path": "p.vhdx"}, "no parent_linkage"),
-        ({"parent_linkage": "{not-a-guid}", "relative_path": "p.vhdx"}, "not a GUID"),
-        ({"parent_linkage": "{" + str(uuid.uuid4()) + "}"}, "names no path"),
+    for entries, reason in [
+        ({"relative_path": "p.vhdx"}, "vhdx.parent-locator.missing-key"),
+        ({"parent_linkage": "{not-a-guid}", "relative_path": "p.vhdx"}, "vhdx.parent-locator.linkage"),
+        ({"parent_linkage": "{" + str(uuid.uuid4()) + "}"}, "vhdx.parent-locator.missing-path"),
     ]:
-        with pytest.raises(DiskFormatError, match=message):
+        with pytest.raises(DiskFormatError) as caught:
             ParentLocator.unpack(ParentLocator(entries).pack())
-    truncated = good.pack()[:30]
-    with pytest.raises(DiskFormatError):
-        ParentLocator.unpack(truncated)
+        assert caught.value.reason == reason
+    for cut, reason in [(30, "vhdx.parent-locator.entry-count"), (10, "vhdx.parent-locator.truncated")]:
+        with pytest.raises(DiskFormatError) as caught:
+            ParentLocator.unpack(good.pack()[:cut])
+        assert caught.value.reason == reason

@@ -15,11 +15,29 @@ class DiskError(HvBackupError):
 
 
 class DiskFormatError(DiskError):
-    """A file is not a valid virtual disk: corrupt, truncated, or using features this engine refuses."""
+    """A file is not a valid virtual disk: corrupt, truncated, or using features this engine refuses.
+
+    ``reason`` names the rule the file breaks as a stable code, ``<format>.<structure>.<what>``
+    (docs/disks.md, "Errors and reason codes"): programs and tests match the code, people read the
+    message, whose wording may change."""
+
+    reason = "disk.file.invalid"
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class ParentError(DiskFormatError):
     """The parent of a differencing disk is missing, does not match its linkage, or forms a loop."""
+
+    reason = "disk.parent.unusable"
+
+
+class TrackingFormatError(DiskFormatError):
+    """A change tracking side file (``.rct``, ``.mrt``) is damaged or does not belong to the disk;
+    its reason codes are in docs/tracking.md. Loading tracking turns it into lost tracking."""
 
 
 class DiskBusyError(DiskError):

@@ -97,24 +97,27 @@ class Session:
         torn (the frame does not fit the file). One open and 24-byte read each."""
         return np.array([name for name in names if not self.is_stored(bytes(name))], names.dtype)
 
+    def _stored_or_coming(self, name: bytes) -> tuple[bool, Future | None]:
+        """Under the mutex: whether this session stored the chunk or is storing it (then its future)."""
+        if name in self._written:
+            return True, None
+        on_its_way = self._syncing.get(name)
+        return on_its_way is not None, on_its_way
+
     def store(self, name: bytes, data) -> tuple[int, Future | None]:
         """Write one chunk unless it is stored already or on its way. Returns the bytes it takes and,
         while it is not yet in place, a future that says when it is (its exception if it failed)."""
         with self._mutex:
-            if name in self._written:
-                return 0, None
-            on_its_way = self._syncing.get(name)
-        if on_its_way is not None:
+            known, on_its_way = self._stored_or_coming(name)
+        if known:
             return 0, on_its_way
         path = chunk_path(self.repo.path, name.hex())
         if envelope.looks_complete(path, MAGIC):
             return 0, None
         future: Future = Future()
-        with self._mutex:
-            if name in self._written:
-                return 0, None
-            on_its_way = self._syncing.get(name)
-            if on_its_way is not None:
+        with self._mutex:  # another thread may have claimed it since the first look
+            known, on_its_way = self._stored_or_coming(name)
+            if known:
                 return 0, on_its_way
             self._syncing[name] = future
         try:

@@ -8,13 +8,12 @@ and the final flush waits for little.
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import is_zero
 from hvbackup.units import MiB
+from hvbackup.workers import bounded_map
 
 BUFFER = 4 * MiB
 READ_AHEAD = 4           # buffers in flight: pieces read (and zero-checked) ahead of the writes
@@ -52,18 +51,17 @@ def copy_data(
     """Copy each (offset, length) piece from ``src`` to the same offset of ``dst``. With
     ``skip_zeros`` a piece of zeros is not written (the destination already reads zeros there)."""
     buffers = [memoryview(bytearray(BUFFER)) for _ in range(READ_AHEAD)]
-    pending: deque[tuple[int, int, Future]] = deque()
     done = written = 0
 
-    def load(buffer: memoryview, offset: int, length: int) -> tuple[memoryview, bool]:
+    def load(piece: tuple[memoryview, int, int]) -> tuple[int, int, memoryview, bool]:
+        buffer, offset, length = piece
         view = buffer[:length]
         src.readinto(offset, view)
-        return view, skip_zeros and is_zero(view)
+        return offset, length, view, skip_zeros and is_zero(view)
 
-    def store() -> None:
-        nonlocal done, written
-        offset, length, future = pending.popleft()
-        view, zeros = future.result()
+    # bounded_map submits the piece that reuses a buffer only after the one before it was written.
+    with_buffers = ((buffers[i % READ_AHEAD], offset, length) for i, (offset, length) in enumerate(pieces))
+    for offset, length, view, zeros in bounded_map(load, with_buffers, workers=READERS, ahead=READ_AHEAD):
         if not zeros:
             dst.write(offset, view)
             written += length
@@ -72,11 +70,3 @@ def copy_data(
         done += length
         if progress:
             progress(done, total)
-
-    with ThreadPoolExecutor(max_workers=READERS) as readers:
-        for index, (offset, length) in enumerate(pieces):
-            if len(pending) == READ_AHEAD:
-                store()  # frees the buffer this piece reuses
-            pending.append((offset, length, readers.submit(load, buffers[index % READ_AHEAD], offset, length)))
-        while pending:
-            store()

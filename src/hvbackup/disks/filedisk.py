@@ -34,7 +34,7 @@ class FileDisk(BlockDevice):
             raise
         except DiskFormatError as exc:
             disk._release()
-            raise DiskFormatError(f"{path}: {exc}") from None
+            raise DiskFormatError(f"{path}: {exc}", reason=exc.reason) from None
         except BaseException:
             disk._release()
             raise

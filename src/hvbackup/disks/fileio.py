@@ -97,7 +97,8 @@ def read_exact(fd: int, length: int, offset: int, what: str) -> bytes:
         except OSError as exc:
             raise io_error(fd, f"read at offset {offset + len(data):#x}", exc) from exc
         if not more:
-            raise DiskFormatError(f"file is truncated: {what} at offset {offset:#x} is incomplete")
+            raise DiskFormatError(f"file is truncated: {what} at offset {offset:#x} is incomplete",
+                                  reason="disk.file.truncated")
         data += more
     return data
 

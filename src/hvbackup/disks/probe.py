@@ -24,7 +24,7 @@ def detect_format(path: str) -> str:
                 return "vhd"
             size = f.seek(0, os.SEEK_END)
             if size == 0:
-                raise DiskFormatError(f"{path}: the file is empty, not a disk")
+                raise DiskFormatError(f"{path}: the file is empty, not a disk", reason="disk.file.empty")
             for footer in (512, 511):  # Virtual PC's oldest footers are 511 bytes
                 if size >= footer:
                     f.seek(size - footer)

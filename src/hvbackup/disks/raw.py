@@ -22,7 +22,7 @@ class RawDisk(FileDisk):
         if not self.size or self.size % SECTOR:
             # Any file could be read as raw; one that is not whole sectors was never a disk image.
             raise DiskFormatError(f"{self.path}: not a disk image: {self.size} bytes is not a whole, non-zero "
-                                  f"number of {SECTOR}-byte sectors")
+                                  f"number of {SECTOR}-byte sectors", reason="raw.file.size")
         self._unflushed = False
 
     def info(self) -> dict:

@@ -13,11 +13,12 @@ import numpy as np
 
 from hvbackup.disks.lazymem import lazy_zeros
 from hvbackup.errors import TrackingError
+from hvbackup.units import KiB, MiB
 from hvbackup.winerror import ERROR_INVALID_PARAMETER
 
-MIN_GRANULARITY = 4096
-MAX_GRANULARITY = 256 << 20
-DEFAULT_GRANULARITY = 64 << 10
+MIN_GRANULARITY = 4 * KiB
+MAX_GRANULARITY = 256 * MiB
+DEFAULT_GRANULARITY = 64 * KiB
 # Beyond this many granules the default granularity grows, so one map stays within 64 MiB of memory.
 DEFAULT_MAX_GRANULES = 1 << 24
 MAX_GRANULES = 1 << 26

@@ -28,17 +28,14 @@ import numpy as np
 from crc32c import crc32c
 
 from hvbackup.disks.fileio import replace_file, round_up, sync_data, write_at
-from hvbackup.errors import DiskError
+from hvbackup.errors import DiskError, TrackingFormatError
+from hvbackup.units import MiB
 
 MAGIC = b"HVBKMRT\0"
 VERSION = 1
-MIN_REGION = 256 << 20
+MIN_REGION = 256 * MiB
 MAX_REGIONS = 1 << 20
 _HEADER = struct.Struct("<8sIIQ16sIIQ16sII")
-
-
-class MrtFormatError(ValueError):
-    """Neither slot of the file is valid (message says why)."""
 
 
 def region_size_for(size: int, granularity: int) -> int:
@@ -77,20 +74,20 @@ class MrtState:
     @classmethod
     def unpack(cls, data: bytes, virtual_size: int) -> MrtState:
         if len(data) < _HEADER.size:
-            raise MrtFormatError("the file is truncated")
+            raise TrackingFormatError("the file is truncated", reason="mrt.file.truncated")
         (magic, version, total, _reserved, lineage, base, region, size, pending, count,
          _reserved2) = _HEADER.unpack_from(data)
         if magic != MAGIC:
-            raise MrtFormatError("it is not an hvbackup modified-region file")
+            raise TrackingFormatError("it is not an hvbackup modified-region file", reason="mrt.header.magic")
         if version != VERSION:
-            raise MrtFormatError(f"format version {version} is not supported")
+            raise TrackingFormatError(f"format version {version} is not supported", reason="mrt.header.version")
         if size != virtual_size or region < MIN_REGION or region & (region - 1) or count != -(-size // region):
-            raise MrtFormatError("its geometry does not match the disk")
+            raise TrackingFormatError("its geometry does not match the disk", reason="mrt.header.geometry")
         end = _HEADER.size + -(-count // 8)
         if total != len(data) or total != file_size(size, region):
-            raise MrtFormatError("its length is wrong")
+            raise TrackingFormatError("its length is wrong", reason="mrt.file.length")
         if struct.unpack_from("<I", data, end)[0] != crc32c(data[:end]) or any(data[end + 4:]):
-            raise MrtFormatError("its checksum does not match")
+            raise TrackingFormatError("its checksum does not match", reason="mrt.file.checksum")
         bits = np.frombuffer(data, dtype=np.uint8, count=end - _HEADER.size, offset=_HEADER.size)
         marked = bytearray(np.unpackbits(bits, bitorder="little")[:count].tobytes())
         pending_dwg = uuid.UUID(bytes_le=pending)
@@ -106,7 +103,7 @@ def create(path: str, state: MrtState) -> None:
 
 
 def read(path: str, virtual_size: int) -> MrtState:
-    """Raises FileNotFoundError or MrtFormatError."""
+    """Raises FileNotFoundError or TrackingFormatError."""
     with open(path, "rb") as f:
         data = f.read(MAX_REGIONS // 8 + 8192)
     return MrtState.unpack(data, virtual_size)

@@ -32,6 +32,7 @@ import zstandard
 from crc32c import crc32c
 
 from hvbackup.disks.fileio import replace_file
+from hvbackup.errors import TrackingFormatError
 from hvbackup.tracking.changemap import MAX_GRANULARITY, MAX_GRANULES, MIN_GRANULARITY, ChangeMap
 
 MAGIC = b"HVBKRCT\0"
@@ -58,10 +59,6 @@ class EarlierLineage:
 
 
 DENSE, RUNS = 0, 1
-
-
-class RctFormatError(ValueError):
-    """The file is not a valid .rct file (message says why)."""
 
 
 @dataclass
@@ -99,31 +96,33 @@ class RctState:
     @classmethod
     def unpack(cls, data: bytes, virtual_size: int) -> RctState:
         if len(data) < _HEADER.size + 4:
-            raise RctFormatError("the file is too short")
+            raise TrackingFormatError("the file is too short", reason="rct.file.truncated")
         (magic, version, granularity, lineage, size, last_sealed, encoding, dwg, runs, payload_length, retired_count,
          _reserved) = _HEADER.unpack_from(data)
         if magic != MAGIC:
-            raise RctFormatError("it is not an hvbackup change tracking file")
+            raise TrackingFormatError("it is not an hvbackup change tracking file", reason="rct.header.magic")
         if version != VERSION:
-            raise RctFormatError(f"format version {version} is not supported (this hvbackup reads {VERSION})")
+            raise TrackingFormatError(f"format version {version} is not supported (this hvbackup reads {VERSION})",
+                                      reason="rct.header.version")
         if struct.unpack_from("<I", data, len(data) - 4)[0] != crc32c(memoryview(data)[:-4]):
-            raise RctFormatError("its checksum does not match")
+            raise TrackingFormatError("its checksum does not match", reason="rct.file.checksum")
         if size != virtual_size:
-            raise RctFormatError(f"it describes a {size}-byte disk; the disk has {virtual_size} bytes")
+            raise TrackingFormatError(f"it describes a {size}-byte disk; the disk has {virtual_size} bytes",
+                                      reason="rct.header.virtual-size")
         if granularity & (granularity - 1) or not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY:
-            raise RctFormatError(f"granularity {granularity} is invalid")
+            raise TrackingFormatError(f"granularity {granularity} is invalid", reason="rct.header.granularity")
         granules = -(-size // granularity)
         if (granules > MAX_GRANULES or retired_count > MAX_RETIRED or last_sealed < 1 or encoding not in (DENSE, RUNS)
                 or (encoding == DENSE) != (runs == 0) or runs * 2 > granules):
-            raise RctFormatError("its counts are out of range")
+            raise TrackingFormatError("its counts are out of range", reason="rct.header.counts")
         at = _HEADER.size + retired_count * _RETIRED.size
         if at + payload_length + 4 != len(data) or payload_length > granules * 4 + _FRAME_OVERHEAD:
-            raise RctFormatError("its length does not match its contents")
+            raise TrackingFormatError("its length does not match its contents", reason="rct.file.length")
         retired = []
         for i in range(retired_count):
             raw, reason, up_to = _RETIRED.unpack_from(data, _HEADER.size + i * _RETIRED.size)
             if reason not in Retirement._value2member_map_ or up_to > last_sealed:
-                raise RctFormatError(f"earlier lineage entry {i} is invalid")
+                raise TrackingFormatError(f"earlier lineage entry {i} is invalid", reason="rct.earlier-lineage.invalid")
             retired.append(EarlierLineage(uuid.UUID(bytes_le=raw), Retirement(reason), up_to))
         changes = ChangeMap(size, granularity)
         payload = memoryview(data)[at:at + payload_length]
@@ -133,7 +132,8 @@ class RctState:
             else:
                 newest = _read_runs(payload, runs, changes, last_sealed)
         except zstandard.ZstdError as exc:
-            raise RctFormatError(f"its change map does not decompress: {exc}") from None
+            raise TrackingFormatError(f"its change map does not decompress: {exc}",
+                                      reason="rct.payload.compression") from None
         return cls(uuid.UUID(bytes_le=lineage), last_sealed, uuid.UUID(bytes_le=dwg), changes, retired,
                    unsealed_changes=newest > last_sealed)
 
@@ -142,7 +142,8 @@ def _newest(values: np.ndarray, last_sealed: int) -> int:
     """The highest epoch in ``values``, which may not exceed last sealed + 1."""
     newest = int(values.max()) if len(values) else 0
     if newest > last_sealed + 1:
-        raise RctFormatError("its change map names points that were never sealed")
+        raise TrackingFormatError("its change map names points that were never sealed",
+                                  reason="rct.payload.unsealed-epoch")
     return newest
 
 
@@ -157,7 +158,7 @@ def _read_dense(payload: memoryview, changes: ChangeMap, last_sealed: int) -> in
             newest = max(newest, _newest(values, last_sealed))
             changes.epochs[low:high] = values
     if reader.read(1):
-        raise RctFormatError("its change map has the wrong length")
+        raise TrackingFormatError("its change map has the wrong length", reason="rct.payload.length")
     return newest
 
 
@@ -166,7 +167,7 @@ def _read_exactly(reader, length: int) -> bytes:
     while got < length:
         piece = reader.read(length - got)
         if not piece:
-            raise RctFormatError("its change map has the wrong length")
+            raise TrackingFormatError("its change map has the wrong length", reason="rct.payload.length")
         pieces.append(piece)
         got += len(piece)
     return b"".join(pieces)
@@ -177,12 +178,12 @@ def _read_runs(payload: memoryview, runs: int, changes: ChangeMap, last_sealed: 
     expected = runs * 8
     raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
     if len(raw) != expected:
-        raise RctFormatError("its change map has the wrong length")
+        raise TrackingFormatError("its change map has the wrong length", reason="rct.payload.length")
     starts = np.frombuffer(raw, dtype="<u4", count=runs)
     values = np.frombuffer(raw, dtype="<u4", offset=runs * 4)
     newest = _newest(values, last_sealed)
     if starts[0] != 0 or np.any(starts[1:] <= starts[:-1]) or starts[-1] >= len(changes.epochs):
-        raise RctFormatError("its change map runs are out of order")
+        raise TrackingFormatError("its change map runs are out of order", reason="rct.payload.run-order")
     changes.fill_runs(starts, values)
     return newest
 
@@ -192,6 +193,6 @@ MAX_FILE_SIZE = _HEADER.size + MAX_RETIRED * _RETIRED.size + MAX_GRANULES * 4 + 
 
 
 def read(path: str, virtual_size: int) -> RctState:
-    """Raises FileNotFoundError, OSError or RctFormatError; never reads more than a valid file holds."""
+    """Raises FileNotFoundError, OSError or TrackingFormatError; never reads more than a valid file holds."""
     with open(path, "rb") as f:
         return RctState.unpack(f.read(MAX_FILE_SIZE + 1), virtual_size)

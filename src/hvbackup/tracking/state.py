@@ -20,11 +20,11 @@ import uuid
 from dataclasses import dataclass
 
 from hvbackup.disks.vhdx.disk import VhdxDisk
-from hvbackup.errors import TrackingError
+from hvbackup.errors import TrackingError, TrackingFormatError
 from hvbackup.tracking import mrtfile, rctfile
 from hvbackup.tracking.ids import RctId
-from hvbackup.tracking.mrtfile import MrtFormatError, MrtState
-from hvbackup.tracking.rctfile import RctFormatError, RctState, Retirement
+from hvbackup.tracking.mrtfile import MrtState
+from hvbackup.tracking.rctfile import RctState, Retirement
 from hvbackup.tracking.sidefiles import mrt_path, rct_path, read_marker
 from hvbackup.winerror import (
     ERROR_CTLOG_INCONSISTENT_TRACKING_FILE,
@@ -149,7 +149,7 @@ def load(disk: VhdxDisk) -> Tracking:
         rct = rctfile.read(rct_path(path), size)
     except FileNotFoundError:
         return lost(ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION, "its .rct file is missing")
-    except (RctFormatError, OSError) as exc:
+    except (TrackingFormatError, OSError) as exc:
         return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, f"its .rct file is unusable: {exc}")
     if rct.lineage != lineage:
         return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, "its .rct file belongs to another tracking history")
@@ -158,7 +158,7 @@ def load(disk: VhdxDisk) -> Tracking:
         mrt = mrtfile.read(mrt_path(path), size)
     except FileNotFoundError:
         return lost(ERROR_VHD_MISSING_CHANGE_TRACKING_INFORMATION, "its .mrt file is missing", rct)
-    except (MrtFormatError, OSError) as exc:
+    except (TrackingFormatError, OSError) as exc:
         return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, f"its .mrt file is unusable: {exc}", rct)
     if mrt.lineage != lineage:
         return lost(ERROR_CTLOG_INCONSISTENT_TRACKING_FILE, "its .mrt file belongs to another tracking history", rct)

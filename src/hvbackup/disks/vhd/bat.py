@@ -30,7 +30,8 @@ class Bat:
         """Read the entries the disk uses (the table may declare more; those are never touched)."""
         count = -(-disk_size // header.block_size)
         if count > MAX_ENTRIES:
-            raise DiskFormatError(f"a disk of {count} blocks needs a BAT larger than the {MAX_ENTRIES} entries allowed")
+            raise DiskFormatError(f"a disk of {count} blocks needs a BAT larger than the {MAX_ENTRIES} entries allowed",
+                                  reason="vhd.bat.too-large")
         raw = read_exact(fd, 4 * count, header.table_offset, "BAT")
         return cls(np.frombuffer(raw, dtype=">u4").copy(), header)
 
@@ -58,7 +59,8 @@ class Bat:
             if beyond.size:
                 raise DiskFormatError(
                     f"a BAT entry points past the end of the file: block at {int(starts[beyond[0]]):#x} "
-                    f"needs {stride} bytes, data ends at {data_end:#x}"
+                    f"needs {stride} bytes, data ends at {data_end:#x}",
+                    reason="vhd.bat.entry-beyond-file",
                 )
         all_starts = np.concatenate((starts, np.array([s[0] for s in structures], dtype=np.int64)))
         all_ends = np.concatenate((starts + stride, np.array([s[0] + s[1] for s in structures], dtype=np.int64)))
@@ -72,7 +74,8 @@ class Bat:
 
             raise DiskFormatError(
                 f"structures overlap in the file: {name(first)} at {int(all_starts[first]):#x} and "
-                f"{name(second)} at {int(all_starts[second]):#x}"
+                f"{name(second)} at {int(all_starts[second]):#x}",
+                reason="vhd.bat.overlap",
             )
 
     def end_of_blocks(self) -> int:

@@ -75,11 +75,13 @@ class DynamicHeader:
         (cookie, _data_offset, table_offset, version, entries, block_size, checksum, parent_id,
          parent_timestamp, _reserved, name) = _LAYOUT.unpack_from(data)
         if cookie != COOKIE:
-            raise DiskFormatError("the dynamic disk header has no 'cxsparse' cookie")
+            raise DiskFormatError("the dynamic disk header has no 'cxsparse' cookie",
+                                  reason="vhd.dynamic-header.cookie")
         expected = vhd_checksum(data[:SIZE], _CHECKSUM_OFFSET)
         if checksum != expected:
             raise DiskFormatError(
-                f"the dynamic disk header checksum is {checksum:#010x}, the content sums to {expected:#010x}"
+                f"the dynamic disk header checksum is {checksum:#010x}, the content sums to {expected:#010x}",
+                reason="vhd.dynamic-header.checksum",
             )
         locators = tuple(
             LocatorEntry.unpack(data[_LAYOUT.size + i * ENTRY.size:_LAYOUT.size + (i + 1) * ENTRY.size])
@@ -96,27 +98,32 @@ class DynamicHeader:
     @classmethod
     def read(cls, fd: int, offset: int, file_size: int) -> DynamicHeader:
         if offset + SIZE > file_size:
-            raise DiskFormatError(f"the dynamic disk header at {offset:#x} lies past the end of the file")
+            raise DiskFormatError(f"the dynamic disk header at {offset:#x} lies past the end of the file",
+                                  reason="vhd.dynamic-header.beyond-file")
         return cls.unpack(read_exact(fd, SIZE, offset, "dynamic disk header"))
 
     def validate(self) -> None:
         bs = self.block_size
         if self.version >> 16 != 1:
-            raise DiskFormatError(f"unsupported dynamic header version {self.version:#010x} (major version 1 only)")
+            raise DiskFormatError(f"unsupported dynamic header version {self.version:#010x} (major version 1 only)",
+                                  reason="vhd.dynamic-header.version")
         if not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE or bs & (bs - 1):
-            raise DiskFormatError(f"block size {bs} is not a power of two between 4 KiB and 256 MiB")
+            raise DiskFormatError(f"block size {bs} is not a power of two between 4 KiB and 256 MiB",
+                                  reason="vhd.dynamic-header.block-size")
 
     def check_fits(self, disk_size: int, file_size: int) -> None:
         """The BAT covers the disk and lies inside the file: bounds its count before it is read."""
         if self.max_table_entries * self.block_size < disk_size:
             raise DiskFormatError(
                 f"the BAT has {self.max_table_entries} entries of {self.block_size} bytes, "
-                f"too few for a {disk_size}-byte disk"
+                f"too few for a {disk_size}-byte disk",
+                reason="vhd.dynamic-header.max-table-entries",
             )
         if self.table_offset + self.table_length > file_size:
             raise DiskFormatError(
                 f"the BAT ({self.max_table_entries} entries at {self.table_offset:#x}) lies past the end "
-                f"of the {file_size}-byte file"
+                f"of the {file_size}-byte file",
+                reason="vhd.bat.beyond-file",
             )
 
 

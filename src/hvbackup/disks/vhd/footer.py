@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from hvbackup.disks.fileio import read_exact
 from hvbackup.disks.vhd.checksum import vhd_checksum
 from hvbackup.errors import DiskFormatError
+from hvbackup.units import GiB
 
 COOKIE = b"conectix"
 SIZE = 512
@@ -26,7 +27,7 @@ NO_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF
 FIXED, DYNAMIC, DIFFERENCING = 2, 3, 4
 TYPE_NAMES = {FIXED: "fixed", DYNAMIC: "dynamic", DIFFERENCING: "differencing"}
 TYPE_CODES = {name: code for code, name in TYPE_NAMES.items()}
-MAX_DISK_SIZE = 2040 << 30        # Hyper-V's limit for VHD; qemu refuses more (VHD_MAX_SECTORS)
+MAX_DISK_SIZE = 2040 * GiB        # Hyper-V's limit for VHD; qemu refuses more (VHD_MAX_SECTORS)
 EPOCH = 946684800                 # 2000-01-01 00:00:00 UTC as a Unix time
 
 # Cookie, Features, File Format Version, Data Offset, Time Stamp, Creator Application, Creator Version,
@@ -77,13 +78,14 @@ class Footer:
     def unpack(cls, data: bytes) -> Footer:
         """The footer in ``data`` (511 or 512 bytes); DiskFormatError names the first rule it breaks."""
         if data[:8] != COOKIE:
-            raise DiskFormatError("no 'conectix' cookie")
+            raise DiskFormatError("no 'conectix' cookie", reason="vhd.footer.cookie")
         (_, features, version, data_offset, timestamp, creator_app, creator_version, host_os, original_size,
          current_size, cylinders, heads, sectors_per_track, disk_type, checksum, unique_id,
          saved_state) = _LAYOUT.unpack_from(data.ljust(SIZE, b"\0"))
         expected = vhd_checksum(data, _CHECKSUM_OFFSET)
         if checksum != expected:
-            raise DiskFormatError(f"checksum is {checksum:#010x}, the content sums to {expected:#010x}")
+            raise DiskFormatError(f"checksum is {checksum:#010x}, the content sums to {expected:#010x}",
+                                  reason="vhd.footer.checksum")
         footer = cls(
             disk_type=disk_type, current_size=current_size, geometry=(cylinders, heads, sectors_per_track),
             unique_id=uuid.UUID(bytes=unique_id), data_offset=data_offset, timestamp=timestamp,
@@ -95,15 +97,19 @@ class Footer:
 
     def validate(self) -> None:
         if self.version >> 16 != 1:
-            raise DiskFormatError(f"unsupported file format version {self.version:#010x} (major version 1 only)")
+            raise DiskFormatError(f"unsupported file format version {self.version:#010x} (major version 1 only)",
+                                  reason="vhd.footer.version")
         if self.disk_type not in TYPE_NAMES:
-            raise DiskFormatError(f"unsupported disk type {self.disk_type} (2 fixed, 3 dynamic, 4 differencing)")
+            raise DiskFormatError(f"unsupported disk type {self.disk_type} (2 fixed, 3 dynamic, 4 differencing)",
+                                  reason="vhd.footer.disk-type")
         if self.current_size % 512 or self.current_size > MAX_DISK_SIZE:
             raise DiskFormatError(
-                f"disk size {self.current_size} is not a multiple of 512 bytes up to 2040 GiB"
+                f"disk size {self.current_size} is not a multiple of 512 bytes up to 2040 GiB",
+                reason="vhd.footer.disk-size",
             )
         if self.disk_type != FIXED and self.data_offset < SIZE:
-            raise DiskFormatError(f"the dynamic header offset {self.data_offset:#x} overlaps the footer copy")
+            raise DiskFormatError(f"the dynamic header offset {self.data_offset:#x} overlaps the footer copy",
+                                  reason="vhd.footer.data-offset")
 
 
 def read_footer(fd: int, file_size: int) -> tuple[Footer, int, list[str]]:
@@ -112,8 +118,11 @@ def read_footer(fd: int, file_size: int) -> tuple[Footer, int, list[str]]:
     the file survives: a damaged, missing or different one of a dynamic or differencing file's two
     copies."""
     if file_size < SHORT_SIZE:
-        raise DiskFormatError(f"file is truncated: {file_size} bytes cannot hold a VHD footer")
+        raise DiskFormatError(f"file is truncated: {file_size} bytes cannot hold a VHD footer",
+                              reason="vhd.footer.truncated")
     trailing, trailing_problem = None, None  # a problem stays None where no cookie is found
+    # Neither footer usable: the error carries the reason of the one at the end, else the copy's.
+    reasons = []
     for length in (SIZE, SHORT_SIZE):
         if file_size < length:
             continue
@@ -124,6 +133,7 @@ def read_footer(fd: int, file_size: int) -> tuple[Footer, int, list[str]]:
             trailing = Footer.unpack(raw), length
         except DiskFormatError as exc:
             trailing_problem = f"the footer at the end of the file is invalid: {exc}"
+            reasons.append(exc.reason)
         break
     copy, copy_problem = None, None
     if file_size >= SIZE:
@@ -133,6 +143,7 @@ def read_footer(fd: int, file_size: int) -> tuple[Footer, int, list[str]]:
                 copy = Footer.unpack(raw)
             except DiskFormatError as exc:
                 copy_problem = f"the footer copy at offset 0 is invalid: {exc}"
+                reasons.append(exc.reason)
     if trailing is not None:
         footer, length = trailing
         if footer.disk_type == FIXED:
@@ -147,7 +158,9 @@ def read_footer(fd: int, file_size: int) -> tuple[Footer, int, list[str]]:
         return copy, 0, [f"{missing} (the copy at offset 0 stands in)"]
     if copy is not None:
         copy_problem = "the footer copy at offset 0 claims a fixed disk, which has no copy"
+        reasons.append("vhd.footer.missing")
     problems = [p for p in (trailing_problem, copy_problem) if p]
     if not problems:
-        raise DiskFormatError("not a VHD file: no 'conectix' footer at the end of the file or at offset 0")
-    raise DiskFormatError("; ".join(problems))
+        raise DiskFormatError("not a VHD file: no 'conectix' footer at the end of the file or at offset 0",
+                              reason="vhd.footer.cookie")
+    raise DiskFormatError("; ".join(problems), reason=reasons[0])

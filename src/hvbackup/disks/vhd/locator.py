@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from hvbackup.disks import parents
 from hvbackup.disks.fileio import read_exact, round_up
 from hvbackup.errors import DiskFormatError
+from hvbackup.units import KiB
 
 W2RU = b"W2ru"
 W2KU = b"W2ku"
 COUNT = 8
-MAX_DATA_LENGTH = 64 * 1024     # a Windows path is at most 32767 UTF-16 code units
+MAX_DATA_LENGTH = 64 * KiB     # a Windows path is at most 32767 UTF-16 code units
 
 # Platform Code, Platform Data Space, Platform Data Length, Reserved, Platform Data Offset
 ENTRY = struct.Struct(">4sIIIQ")
@@ -56,17 +57,20 @@ def read_locator_paths(fd: int, entries: tuple[LocatorEntry, ...], file_size: in
             continue
         name = entry.platform_code.decode()
         if entry.data_length > MAX_DATA_LENGTH:
-            raise DiskFormatError(f"parent locator {name} claims {entry.data_length} bytes of path")
+            raise DiskFormatError(f"parent locator {name} claims {entry.data_length} bytes of path",
+                                  reason="vhd.parent-locator.data-length")
         if entry.data_offset + entry.data_length > file_size:
-            raise DiskFormatError(f"parent locator {name} data at {entry.data_offset:#x} lies past the end of the file")
+            raise DiskFormatError(f"parent locator {name} data at {entry.data_offset:#x} lies past the end of the file",
+                                  reason="vhd.parent-locator.beyond-file")
         raw = read_exact(fd, entry.data_length, entry.data_offset, f"parent locator {name}")
         try:
             # Writers pad with NULs, sometimes to an odd length.
             text = raw[:len(raw) & ~1].decode("utf-16-le").rstrip("\0")
         except UnicodeDecodeError:
-            raise DiskFormatError(f"parent locator {name} is not valid UTF-16") from None
+            raise DiskFormatError(f"parent locator {name} is not valid UTF-16",
+                                  reason="vhd.parent-locator.encoding") from None
         if "\0" in text:
-            raise DiskFormatError(f"parent locator {name} holds a NUL inside its path")
+            raise DiskFormatError(f"parent locator {name} holds a NUL inside its path", reason="vhd.parent-locator.nul")
         if text:
             paths[key] = text
     return paths

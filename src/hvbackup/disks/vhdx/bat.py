@@ -15,7 +15,7 @@ import numpy as np
 
 from hvbackup.disks.lazymem import lazy_zeros
 from hvbackup.errors import DiskFormatError
-from hvbackup.units import MiB
+from hvbackup.units import MiB, TiB
 
 # 2.5.1.1 payload block states
 NOT_PRESENT = 0
@@ -36,7 +36,7 @@ ENTRY_SIZE = 8
 PAGE = 4096
 ENTRIES_PER_PAGE = PAGE // ENTRY_SIZE
 SECTORS_PER_BITMAP_BLOCK = 1 << 23
-MAX_VIRTUAL_SIZE = 64 << 40
+MAX_VIRTUAL_SIZE = 64 * TiB
 MIN_BLOCK_SIZE = MiB
 MAX_BLOCK_SIZE = 256 * MiB
 
@@ -56,12 +56,15 @@ class Geometry:
     def __post_init__(self) -> None:
         bs, lss = self.block_size, self.logical_sector_size
         if not (MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE) or bs & (bs - 1):
-            raise DiskFormatError(f"block size {bs} is not a power of two between 1 MiB and 256 MiB")
+            raise DiskFormatError(f"block size {bs} is not a power of two between 1 MiB and 256 MiB",
+                                  reason="vhdx.metadata.block-size")
         if lss not in (512, 4096):
-            raise DiskFormatError(f"logical sector size {lss} is neither 512 nor 4096")
+            raise DiskFormatError(f"logical sector size {lss} is neither 512 nor 4096",
+                                  reason="vhdx.metadata.logical-sector-size")
         if not 0 < self.virtual_size <= MAX_VIRTUAL_SIZE or self.virtual_size % lss:
             raise DiskFormatError(
-                f"virtual disk size {self.virtual_size} is not a positive multiple of {lss} up to 64 TiB"
+                f"virtual disk size {self.virtual_size} is not a positive multiple of {lss} up to 64 TiB",
+                reason="vhdx.metadata.virtual-size",
             )
 
     @cached_property
@@ -224,7 +227,8 @@ class Bat:
         states = values & np.uint64(STATE_MASK)
         bad_reserved = np.flatnonzero(values & np.uint64(RESERVED_MASK))
         if bad_reserved.size:
-            raise DiskFormatError(f"BAT entry {index[bad_reserved[0]]} has reserved bits set")
+            raise DiskFormatError(f"BAT entry {index[bad_reserved[0]]} has reserved bits set",
+                                  reason="vhdx.bat.reserved-bits")
         allowed_payload = [NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED, UNMAPPED_V095, FULLY_PRESENT]
         if geo.has_parent:
             allowed_payload.append(PARTIALLY_PRESENT)
@@ -235,7 +239,8 @@ class Bat:
             kind = "sector bitmap" if is_bitmap[i] else "payload"
             raise DiskFormatError(
                 f"BAT entry {index[i]} ({kind}) has state {int(states[i])}, not allowed in a "
-                f"{'differencing' if geo.has_parent else 'fixed or dynamic'} VHDX"
+                f"{'differencing' if geo.has_parent else 'fixed or dynamic'} VHDX",
+                reason="vhdx.bat.state",
             )
         if geo.has_parent:
             partial = index[~is_bitmap & (states == PARTIALLY_PRESENT)]
@@ -243,4 +248,5 @@ class Bat:
             bitmap_states = self.table[chunks * (geo.chunk_ratio + 1) + geo.chunk_ratio] & np.uint64(STATE_MASK)
             missing = chunks[bitmap_states != SB_PRESENT]
             if missing.size:
-                raise DiskFormatError(f"chunk {missing[0]} has partially present blocks but no sector bitmap block")
+                raise DiskFormatError(f"chunk {missing[0]} has partially present blocks but no sector bitmap block",
+                                      reason="vhdx.bat.missing-sector-bitmap")

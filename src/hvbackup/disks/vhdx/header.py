@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from hvbackup.disks.fileio import read_exact, readinto_at, sync_data, write_at
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.errors import DiskError, DiskFormatError
-from hvbackup.units import MiB
+from hvbackup.units import KiB, MiB
 
 SIGNATURE = b"head"
 SIZE = 4096
-OFFSETS = (64 * 1024, 128 * 1024)
+OFFSETS = (64 * KiB, 128 * KiB)
 NULL_GUID = uuid.UUID(int=0)
 
 # Signature, Checksum, SequenceNumber, FileWriteGuid, DataWriteGuid, LogGuid, LogVersion, Version,
@@ -86,28 +86,33 @@ def choose_current(slots: list[Header | None], raw: list[bytes]) -> int:
     accepted as header 1, as other readers do, although [MS-VHDX] 2.2.2 calls that corrupt."""
     first, second = slots
     if first is None and second is None:
-        raise DiskFormatError("no valid VHDX header: both header checksums or signatures are wrong")
+        raise DiskFormatError("no valid VHDX header: both header checksums or signatures are wrong",
+                              reason="vhdx.header.checksum")
     if second is None:
         return 0
     if first is None:
         return 1
     if first.sequence_number == second.sequence_number and raw[0][:SIZE] != raw[1][:SIZE]:
-        raise DiskFormatError("the two VHDX headers differ but carry the same sequence number")
+        raise DiskFormatError("the two VHDX headers differ but carry the same sequence number",
+                              reason="vhdx.header.sequence")
     return 0 if first.sequence_number >= second.sequence_number else 1
 
 
 def validate(header: Header) -> None:
     """The rules a current header must meet before anything else in the file is trusted."""
     if header.version != 1:
-        raise DiskFormatError(f"unsupported VHDX version {header.version} (only 1 is defined)")
+        raise DiskFormatError(f"unsupported VHDX version {header.version} (only 1 is defined)",
+                              reason="vhdx.header.version")
     if header.log_version != 0 and header.log_pending:
-        raise DiskFormatError(f"unsupported VHDX log version {header.log_version} with a log to replay")
+        raise DiskFormatError(f"unsupported VHDX log version {header.log_version} with a log to replay",
+                              reason="vhdx.header.log-version")
     if header.log_offset % MiB or header.log_length % MiB:
-        raise DiskFormatError("VHDX log offset and length must be multiples of 1 MiB")
+        raise DiskFormatError("VHDX log offset and length must be multiples of 1 MiB",
+                              reason="vhdx.header.log-alignment")
     if header.log_length and header.log_offset < MiB:
-        raise DiskFormatError("the VHDX log overlaps the header section")
+        raise DiskFormatError("the VHDX log overlaps the header section", reason="vhdx.header.log-overlap")
     if header.log_pending and not header.log_length:
-        raise DiskFormatError("the VHDX header has a log to replay but no log space")
+        raise DiskFormatError("the VHDX header has a log to replay but no log space", reason="vhdx.header.no-log-space")
 
 
 class HeaderSet:

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from hvbackup.disks.fileio import sync_data, write_at
 from hvbackup.errors import DiskFormatError
+from hvbackup.units import KiB
 
 SIGNATURE = b"vhdxfile"
 OFFSET = 0
-SIZE = 64 * 1024
+SIZE = 64 * KiB
 _CREATOR_BYTES = 512
 
 
@@ -24,7 +25,8 @@ class FileTypeIdentifier:
     @classmethod
     def unpack(cls, data: bytes) -> FileTypeIdentifier:
         if data[:8] != SIGNATURE:
-            raise DiskFormatError("not a VHDX file: the file type identifier signature is missing")
+            raise DiskFormatError("not a VHDX file: the file type identifier signature is missing",
+                                  reason="vhdx.identifier.signature")
         raw = data[8:8 + _CREATOR_BYTES]
         text = raw.decode("utf-16-le", errors="replace")
         return cls(creator=text.split("\0", 1)[0])

@@ -32,7 +32,7 @@ def parse_linkage(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text.strip().strip("{}"))
     except ValueError:
-        raise DiskFormatError(f"parent linkage {text!r} is not a GUID") from None
+        raise DiskFormatError(f"parent linkage {text!r} is not a GUID", reason="vhdx.parent-locator.linkage") from None
 
 
 def path_entries(child_path: str, parent_path: str) -> dict[str, str]:
@@ -74,38 +74,45 @@ class ParentLocator:
     @classmethod
     def unpack(cls, data: bytes) -> ParentLocator:
         if len(data) < _HEADER.size:
-            raise DiskFormatError("the parent locator is shorter than its header")
+            raise DiskFormatError("the parent locator is shorter than its header",
+                                  reason="vhdx.parent-locator.truncated")
         raw_type, _reserved, count = _HEADER.unpack_from(data)
         locator_type = uuid.UUID(bytes_le=raw_type)
         if locator_type != VHDX_LOCATOR_TYPE:
-            raise DiskFormatError(f"unsupported parent locator type {locator_type}")
+            raise DiskFormatError(f"unsupported parent locator type {locator_type}", reason="vhdx.parent-locator.type")
         if _HEADER.size + count * _ENTRY.size > len(data):
-            raise DiskFormatError(f"the parent locator claims {count} entries but is only {len(data)} bytes")
+            raise DiskFormatError(f"the parent locator claims {count} entries but is only {len(data)} bytes",
+                                  reason="vhdx.parent-locator.entry-count")
         entries: dict[str, str] = {}
         for i in range(count):
             key_off, value_off, key_len, value_len = _ENTRY.unpack_from(data, _HEADER.size + i * _ENTRY.size)
             key = _string(data, key_off, key_len, "key")
             value = _string(data, value_off, value_len, f"value of {key!r}")
             if key in entries:
-                raise DiskFormatError(f"parent locator key {key!r} appears twice")
+                raise DiskFormatError(f"parent locator key {key!r} appears twice",
+                                      reason="vhdx.parent-locator.duplicate-key")
             entries[key] = value
         if "parent_linkage" not in entries:
-            raise DiskFormatError("the parent locator has no parent_linkage")
+            raise DiskFormatError("the parent locator has no parent_linkage", reason="vhdx.parent-locator.missing-key")
         for key in ("parent_linkage", "parent_linkage2"):
             if key in entries:
                 parse_linkage(entries[key])
         if not any(k in entries for k in PATH_KEYS):
-            raise DiskFormatError("the parent locator names no path to the parent")
+            raise DiskFormatError("the parent locator names no path to the parent",
+                                  reason="vhdx.parent-locator.missing-path")
         return cls(entries, locator_type)
 
 
 def _string(data: bytes, offset: int, length: int, what: str) -> str:
     if offset == 0 or length == 0 or length % 2 or offset + length > len(data):
-        raise DiskFormatError(f"parent locator {what} lies outside the locator or is empty")
+        raise DiskFormatError(f"parent locator {what} lies outside the locator or is empty",
+                              reason="vhdx.parent-locator.string-bounds")
     try:
         text = data[offset:offset + length].decode("utf-16-le")
     except UnicodeDecodeError:
-        raise DiskFormatError(f"parent locator {what} is not valid UTF-16") from None
+        raise DiskFormatError(f"parent locator {what} is not valid UTF-16",
+                              reason="vhdx.parent-locator.string-encoding") from None
     if "\0" in text:
-        raise DiskFormatError(f"parent locator {what} contains a NUL character")
+        raise DiskFormatError(f"parent locator {what} contains a NUL character",
+                              reason="vhdx.parent-locator.string-nul")
     return text

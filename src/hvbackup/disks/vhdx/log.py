@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
-from hvbackup.units import MiB
+from hvbackup.units import KiB, MiB
 
 SECTOR = 4096
 ENTRY_SIGNATURE = b"loge"
@@ -37,7 +37,7 @@ _LATER_SECTOR_DESCRIPTORS = SECTOR // _DESCRIPTOR_SIZE                          
 MAX_FILE_OFFSET = 1 << 47
 # An entry may be longer than its descriptor and data sectors (2.3.1 allows larger alignment); at
 # most by this much, so a forged length cannot make every candidate in a search a huge read.
-MAX_ENTRY_PADDING = 64 * 1024
+MAX_ENTRY_PADDING = 64 * KiB
 
 
 def descriptor_sectors(count: int) -> int:

@@ -13,10 +13,10 @@ from typing import Callable
 
 from hvbackup.disks.vhdx.locator import ParentLocator
 from hvbackup.errors import DiskError, DiskFormatError
-from hvbackup.units import MiB
+from hvbackup.units import KiB, MiB
 
 SIGNATURE = b"metadata"
-TABLE_SIZE = 64 * 1024
+TABLE_SIZE = 64 * KiB
 MAX_ENTRIES = 2047
 MAX_USER_ENTRIES = 1024
 MAX_ITEM_LENGTH = MiB
@@ -76,25 +76,30 @@ def unpack_table(data: bytes, region_length: int) -> list[MetadataEntry]:
     """2.6.1 Metadata Table: validated entries, items inside the region and not overlapping."""
     signature, _reserved, count, _reserved2 = _TABLE_HEADER.unpack_from(data)
     if signature != SIGNATURE:
-        raise DiskFormatError("metadata table signature is wrong")
+        raise DiskFormatError("metadata table signature is wrong", reason="vhdx.metadata.signature")
     if count > MAX_ENTRIES:
-        raise DiskFormatError(f"metadata table has {count} entries (at most {MAX_ENTRIES} allowed)")
+        raise DiskFormatError(f"metadata table has {count} entries (at most {MAX_ENTRIES} allowed)",
+                              reason="vhdx.metadata.entry-count")
     entries = [MetadataEntry.unpack(data, _TABLE_HEADER.size + i * _TABLE_ENTRY.size) for i in range(count)]
     if sum(e.is_user for e in entries) > MAX_USER_ENTRIES:
-        raise DiskFormatError(f"metadata table has more than {MAX_USER_ENTRIES} user items")
+        raise DiskFormatError(f"metadata table has more than {MAX_USER_ENTRIES} user items",
+                              reason="vhdx.metadata.user-entry-count")
     if len({(e.item_id, e.is_user) for e in entries}) != len(entries):
-        raise DiskFormatError("metadata table lists an item twice")
+        raise DiskFormatError("metadata table lists an item twice", reason="vhdx.metadata.duplicate")
     for e in entries:
         if e.length > MAX_ITEM_LENGTH:
-            raise DiskFormatError(f"metadata item {e.name} is {e.length} bytes (at most 1 MiB allowed)")
+            raise DiskFormatError(f"metadata item {e.name} is {e.length} bytes (at most 1 MiB allowed)",
+                                  reason="vhdx.metadata.item-length")
         if e.length == 0 and e.offset != 0:
-            raise DiskFormatError(f"empty metadata item {e.name} has a non-zero offset")
+            raise DiskFormatError(f"empty metadata item {e.name} has a non-zero offset",
+                                  reason="vhdx.metadata.item-offset")
         if e.length and (e.offset < TABLE_SIZE or e.offset + e.length > region_length):
-            raise DiskFormatError(f"metadata item {e.name} lies outside the metadata region")
+            raise DiskFormatError(f"metadata item {e.name} lies outside the metadata region",
+                                  reason="vhdx.metadata.item-outside")
     placed = sorted((e for e in entries if e.length), key=lambda e: e.offset)
     for a, b in zip(placed, placed[1:]):
         if a.offset + a.length > b.offset:
-            raise DiskFormatError(f"metadata items {a.name} and {b.name} overlap")
+            raise DiskFormatError(f"metadata items {a.name} and {b.name} overlap", reason="vhdx.metadata.overlap")
     return entries
 
 
@@ -113,7 +118,7 @@ class FileParameters:
     def unpack(cls, data: bytes) -> FileParameters:
         block_size, flags = struct.unpack_from("<II", data)
         if flags & ~3:
-            raise DiskFormatError("File Parameters has reserved bits set")
+            raise DiskFormatError("File Parameters has reserved bits set", reason="vhdx.metadata.reserved-bits")
         return cls(block_size, bool(flags & 1), bool(flags & 2))
 
 
@@ -150,26 +155,31 @@ class Metadata:
             data = read(e.offset, e.length) if e.length else b""
             if not e.is_user and e.item_id in _ITEM_NAMES:
                 if len(data) < _MIN_LENGTH[e.item_id]:
-                    raise DiskFormatError(f"metadata item {e.name} is too short ({len(data)} bytes)")
+                    raise DiskFormatError(f"metadata item {e.name} is too short ({len(data)} bytes)",
+                                          reason="vhdx.metadata.item-too-short")
                 known[e.item_id], entry_of[e.item_id] = data, e
             elif e.is_required:
-                raise DiskFormatError(f"the file needs metadata item {e.item_id}, which this engine does not know")
+                raise DiskFormatError(f"the file needs metadata item {e.item_id}, which this engine does not know",
+                                      reason="vhdx.metadata.unknown-required")
             else:
                 others.append((e, data))
         for item in (FILE_PARAMETERS, VIRTUAL_DISK_SIZE, VIRTUAL_DISK_ID, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE):
             if item not in known:
-                raise DiskFormatError(f"required metadata item {_ITEM_NAMES[item]} is missing")
+                raise DiskFormatError(f"required metadata item {_ITEM_NAMES[item]} is missing",
+                                      reason="vhdx.metadata.missing-item")
         params = FileParameters.unpack(known[FILE_PARAMETERS])
         locator = None
         if params.has_parent:
             if PARENT_LOCATOR not in known:
-                raise DiskFormatError("a differencing VHDX must have a parent locator")
+                raise DiskFormatError("a differencing VHDX must have a parent locator",
+                                      reason="vhdx.metadata.missing-parent-locator")
             locator = ParentLocator.unpack(known[PARENT_LOCATOR])
         elif PARENT_LOCATOR in known:  # not used without HasParent, but kept as it was
             others.append((entry_of[PARENT_LOCATOR], known[PARENT_LOCATOR]))
         physical = _u32(known[PHYSICAL_SECTOR_SIZE])
         if physical not in (512, 4096):
-            raise DiskFormatError(f"physical sector size {physical} is neither 512 nor 4096")
+            raise DiskFormatError(f"physical sector size {physical} is neither 512 nor 4096",
+                                  reason="vhdx.metadata.physical-sector-size")
         return cls(
             file_parameters=params,
             virtual_size=struct.unpack_from("<Q", known[VIRTUAL_DISK_SIZE])[0],

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from hvbackup.disks.vhdx.checksum import crc32c_with_zeroed_field
 from hvbackup.errors import DiskFormatError
-from hvbackup.units import MiB
+from hvbackup.units import KiB, MiB
 
 SIGNATURE = b"regi"
-SIZE = 64 * 1024
-OFFSETS = (192 * 1024, 256 * 1024)
+SIZE = 64 * KiB
+OFFSETS = (192 * KiB, 256 * KiB)
 MAX_ENTRIES = 2047
 
 BAT_GUID = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
@@ -46,7 +46,8 @@ class RegionTable:
         for entry in self.entries:
             if entry.guid == guid:
                 return entry
-        raise DiskFormatError(f"the region table has no {KNOWN_REGIONS.get(guid, guid)} region")
+        raise DiskFormatError(f"the region table has no {KNOWN_REGIONS.get(guid, guid)} region",
+                              reason="vhdx.region.missing")
 
     def pack(self) -> bytes:
         buf = bytearray(SIZE)
@@ -63,11 +64,12 @@ class RegionTable:
     def unpack(cls, data: bytes) -> RegionTable:
         signature, checksum, count, _reserved = _HEADER.unpack_from(data)
         if signature != SIGNATURE:
-            raise DiskFormatError("region table signature is wrong")
+            raise DiskFormatError("region table signature is wrong", reason="vhdx.region.signature")
         if checksum != crc32c_with_zeroed_field(data[:SIZE], 4):
-            raise DiskFormatError("region table checksum is wrong")
+            raise DiskFormatError("region table checksum is wrong", reason="vhdx.region.checksum")
         if count > MAX_ENTRIES:
-            raise DiskFormatError(f"region table has {count} entries (at most {MAX_ENTRIES} allowed)")
+            raise DiskFormatError(f"region table has {count} entries (at most {MAX_ENTRIES} allowed)",
+                                  reason="vhdx.region.entry-count")
         entries = []
         for i in range(count):
             raw_guid, offset, length, required = _ENTRY.unpack_from(data, _HEADER.size + i * _ENTRY.size)
@@ -81,18 +83,22 @@ class RegionTable:
         for entry in self.entries:
             name = KNOWN_REGIONS.get(entry.guid, str(entry.guid))
             if entry.guid in seen:
-                raise DiskFormatError(f"region {name} appears twice in the region table")
+                raise DiskFormatError(f"region {name} appears twice in the region table",
+                                      reason="vhdx.region.duplicate")
             seen.add(entry.guid)
             if entry.file_offset % MiB or entry.file_offset < MiB:
                 raise DiskFormatError(
-                    f"region {name} offset {entry.file_offset:#x} is not 1 MiB aligned past the header")
+                    f"region {name} offset {entry.file_offset:#x} is not 1 MiB aligned past the header",
+                    reason="vhdx.region.offset")
             if entry.length % MiB or entry.length == 0:
-                raise DiskFormatError(f"region {name} length {entry.length:#x} is not a positive multiple of 1 MiB")
+                raise DiskFormatError(f"region {name} length {entry.length:#x} is not a positive multiple of 1 MiB",
+                                      reason="vhdx.region.length")
         ordered = sorted(self.entries, key=lambda e: e.file_offset)
         for a, b in zip(ordered, ordered[1:]):
             if a.end > b.file_offset:
                 raise DiskFormatError(
-                    f"regions {KNOWN_REGIONS.get(a.guid, a.guid)} and {KNOWN_REGIONS.get(b.guid, b.guid)} overlap"
+                    f"regions {KNOWN_REGIONS.get(a.guid, a.guid)} and {KNOWN_REGIONS.get(b.guid, b.guid)} overlap",
+                    reason="vhdx.region.overlap",
                 )
 
     def unknown_required(self) -> list[RegionEntry]:

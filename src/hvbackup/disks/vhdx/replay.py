@@ -15,10 +15,11 @@ from hvbackup.disks.fileio import io_error, sync_data, write_at, write_zeros
 from hvbackup.disks.vhdx import region
 from hvbackup.disks.vhdx.log import SECTOR, LogEntry, parse_entry
 from hvbackup.errors import DiskFormatError
+from hvbackup.units import MiB
 
 # Hyper-V, qemu and hvbackup make 1 MiB logs; a pending log larger than this is refused rather
 # than read into memory and searched.
-MAX_LOG_LENGTH = 64 << 20
+MAX_LOG_LENGTH = 64 * MiB
 
 
 def find_active_sequence(ring: bytes, log_guid: uuid.UUID) -> list[LogEntry]:
@@ -51,7 +52,8 @@ def find_active_sequence(ring: bytes, log_guid: uuid.UUID) -> list[LogEntry]:
             break
         old_tail = current_tail
     if not best:
-        raise DiskFormatError("the VHDX log must be replayed but holds no valid log sequence")
+        raise DiskFormatError("the VHDX log must be replayed but holds no valid log sequence",
+                              reason="vhdx.log.sequence")
     return best
 
 
@@ -59,22 +61,26 @@ def read_active_sequence(
     fd: int, log_offset: int, log_length: int, log_guid: uuid.UUID, file_size: int
 ) -> list[LogEntry]:
     if log_length > MAX_LOG_LENGTH:
-        raise DiskFormatError(f"the VHDX log is {log_length} bytes; more than {MAX_LOG_LENGTH} is refused")
+        raise DiskFormatError(f"the VHDX log is {log_length} bytes; more than {MAX_LOG_LENGTH} is refused",
+                              reason="vhdx.log.too-large")
     if log_offset + log_length > file_size:
-        raise DiskFormatError("file is truncated: the VHDX log lies past the end of the file")
+        raise DiskFormatError("file is truncated: the VHDX log lies past the end of the file",
+                              reason="vhdx.log.beyond-file")
     ring = os.pread(fd, log_length, log_offset)
     entries = find_active_sequence(ring, log_guid)
     if file_size < entries[-1].flushed_file_offset:
         raise DiskFormatError(
             f"file is truncated: the log says it was at least {entries[-1].flushed_file_offset} bytes, "
-            f"it is {file_size}"
+            f"it is {file_size}",
+            reason="vhdx.log.flushed-file-offset",
         )
     log_end = log_offset + log_length
     for entry in entries:
         for offset, _data, count in entry.updates:
             if offset < region.OFFSETS[0] or (offset < log_end and offset + count > log_offset):
                 raise DiskFormatError(
-                    f"the VHDX log would overwrite the header section or the log itself at {offset:#x}"
+                    f"the VHDX log would overwrite the header section or the log itself at {offset:#x}",
+                    reason="vhdx.log.protected-target",
                 )
     return entries
 
