@@ -17,7 +17,7 @@ import time
 import pytest
 
 from hvbackup import stack
-from hvbackup.errors import DiskError, HostError
+from hvbackup.errors import HostError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, DamagedVm, Host, Vm, checkpoints, ownership, recovery, refpoints
 from hvbackup.host import export as export_module
 from hvbackup.host import importing as importing_module
@@ -25,10 +25,9 @@ from hvbackup.host.export import export_system_definition
 from hvbackup.host.importing import import_system_definition, realize_planned_system
 from hvbackup.host.jobs import JobState
 from hvbackup.host.model import ExportSettings, VmConfig, check_vm_id, check_vm_name
+from hvbackup.host.returns import ACCESS_DENIED, FAILED, INVALID_PARAMETER, INVALID_STATE, SYSTEM_IN_USE
 from hvbackup.host.services import VirtualSystemManagementService, VirtualSystemSnapshotService
 from hvbackup.units import MiB
-
-INVALID_PARAMETER, SYSTEM_IN_USE, INVALID_STATE = 32773, 32774, 32775
 
 
 def tree(path) -> dict[str, str | None]:
@@ -414,17 +413,17 @@ def test_an_interrupted_export_removes_exactly_what_it_made(host, web, tmp_path,
 
 def test_an_export_failing_for_lack_of_space_is_a_host_error_and_cleans_up(host, web, tmp_path, monkeypatch):
     checkpoint = checkpoints.create(web, snapshot_type=SNAPSHOT_TYPE_RECOVERY)
-    real_replace = os.replace
+    real_rename = os.rename
 
-    def full(src, dst, *args, **kwargs):
+    def full(src, dst, *args, **kwargs):  # a built disk is renamed into place (hvbackup.durable)
         if str(dst).endswith("web_disk1.vhdx"):
             raise OSError(errno.ENOSPC, "No space left on device", dst)
-        return real_replace(src, dst, *args, **kwargs)
-    monkeypatch.setattr(export_module.os, "replace", full)
+        return real_rename(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "rename", full)
     with pytest.raises(HostError, match="No space left on device") as info:
         export_system_definition(web, str(tmp_path / "x"),
                                  ExportSettings(snapshot_virtual_system=checkpoint.instance_id))
-    assert "web_disk1.vhdx" in str(info.value) and info.value.return_value == 32768
+    assert "web_disk1.vhdx" in str(info.value) and info.value.return_value == FAILED
     assert not (tmp_path / "x").exists()
 
 
@@ -640,7 +639,7 @@ def test_file_system_failures_are_host_errors_naming_the_file(host, web, tmp_pat
     monkeypatch.setattr(host_module.os, "listdir", denied)
     with pytest.raises(HostError, match="Permission denied") as info:
         host.vms()
-    assert info.value.return_value == 32769 and host.vms_directory in str(info.value)
+    assert info.value.return_value == ACCESS_DENIED and host.vms_directory in str(info.value)
     monkeypatch.undo()
 
     web.close_disks()
@@ -649,8 +648,9 @@ def test_file_system_failures_are_host_errors_naming_the_file(host, web, tmp_pat
         Host.open(host.directory)
     os.rename(host.vms_directory + "-moved", host.vms_directory)
 
-    def no_space(path, data):
-        raise DiskError(f"{path}: cannot write: No space left on device")
-    monkeypatch.setattr("hvbackup.host.store.replace_file", no_space)
-    with pytest.raises(HostError, match="vm.json: cannot write"):
+    def no_space(path, parts):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("hvbackup.host.store.durable.write_file", no_space)
+    with pytest.raises(HostError, match="vm.json: cannot write: No space left on device") as info:
         web.request_state_change("stop")
+    assert info.value.return_value == FAILED

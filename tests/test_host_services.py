@@ -4,6 +4,7 @@ long ones, job states and progress, cooperative cancellation, and failures repor
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 
@@ -19,6 +20,7 @@ from hvbackup.host.services import (
     VirtualSystemManagementService,
     VirtualSystemReferencePointService,
     VirtualSystemSnapshotService,
+    outcome,
 )
 from hvbackup.units import MiB
 
@@ -166,13 +168,58 @@ def test_destroy_apply_and_convert_run_as_jobs(host, vm):
     assert vm.checkpoints() == [] and [p.instance_id for p in vm.reference_points()] == [point.instance_id]
 
 
+def test_listing_checkpoints_and_orphans_through_the_service(host, vm):
+    service = VirtualSystemSnapshotService(host)
+    _, standard = service.create_snapshot(vm, None, 2)
+    _, owned = service.create_snapshot(vm, None, SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid())
+    _, unowned = service.create_snapshot(vm, None, SNAPSHOT_TYPE_RECOVERY)
+
+    def ids(answer):
+        return [c.instance_id for c in outcome(answer)]
+    assert ids(service.get_snapshots(vm)) == [standard.instance_id, owned.instance_id, unowned.instance_id]
+    assert ids(service.get_snapshots(vm, SNAPSHOT_TYPE_RECOVERY)) == [owned.instance_id, unowned.instance_id]
+    refused(service.get_snapshots(vm, 3), 4, 32773)
+
+    assert outcome(service.find_orphans()).checkpoints == []  # unowned, but younger than a day
+    found = outcome(service.find_orphans(max_age=datetime.timedelta(0)))
+    assert [(v.vm_id, c.instance_id) for v, c, _ in found.checkpoints] == [(vm.vm_id, unowned.instance_id)]
+    refused(service.find_orphans(max_age=3600), 4, 32773)
+    job = finished(service.clean_orphans(max_age=datetime.timedelta(0)))
+    assert job.succeeded and job.job_type == 72 and len(job.result.checkpoints) == 1
+    assert ids(service.get_snapshots(vm)) == [standard.instance_id, owned.instance_id]
+
+
+def test_outcome_gives_the_result_or_raises_the_failure(host, vm):
+    service = VirtualSystemSnapshotService(host)
+    checkpoint = outcome(service.create_snapshot(vm, None, SNAPSHOT_TYPE_RECOVERY))
+    assert isinstance(outcome(service.convert_to_reference_point(vm, checkpoint.instance_id)), ReferencePoint)
+    with pytest.raises(HostError, match="no checkpoint") as refusal:
+        outcome(service.destroy_snapshot(vm, checkpoint.instance_id))  # refused before a job started
+    assert refusal.value.return_value == 32773
+
+    def fails(progress, cancelled):
+        raise HostError("the VM is off", 32775)
+    with pytest.raises(HostError, match="the VM is off") as failure:
+        outcome((4096, ConcreteJob(JobType.MERGING_VHD_DISKS).run(fails)))
+    assert failure.value.return_value == 32775
+
+    def interrupted(progress, cancelled):
+        raise KeyboardInterrupt
+    with pytest.raises(HostError, match="ended Terminated") as stopped:
+        outcome((4096, ConcreteJob(JobType.MERGING_VHD_DISKS, "merge").run(interrupted)))
+    assert stopped.value.return_value == 32768
+
+
 # -- vendor return values: reference points, management, image management --------------------------
 
 def test_reference_point_service(host, vm):
     _, recovery = VirtualSystemSnapshotService(host).create_snapshot(vm, None, SNAPSHOT_TYPE_RECOVERY)
     point = finished(VirtualSystemSnapshotService(host).convert_to_reference_point(vm, recovery.instance_id)).result
     service = VirtualSystemReferencePointService(host)
+    return_value, points = service.get_reference_points(vm)
+    assert return_value == 0 and [p.instance_id for p in points] == [point.instance_id]
     assert service.destroy_reference_point(vm, point.instance_id) == (0, None)
+    assert service.get_reference_points(vm) == (0, [])
     refused(service.destroy_reference_point(vm, point.instance_id), 32773, 32773)
 
 
@@ -215,6 +262,21 @@ def test_export_and_import_are_jobs(host, vm, tmp_path):
     restored.request_state_change("start")
     assert restored.disk(1).read(MiB, MiB) == b"\x22" * MiB
     restored.close_disks()
+
+
+def test_a_detached_differential_export_needs_no_export_of_its_base(host, vm, tmp_path):
+    snapshots, service = VirtualSystemSnapshotService(host), VirtualSystemManagementService(host)
+    first = outcome(snapshots.create_snapshot(vm, None, SNAPSHOT_TYPE_RECOVERY))
+    point = outcome(snapshots.convert_to_reference_point(vm, first.instance_id))
+    vm.disk(0).write(4 * MiB, b"\x55" * MiB)
+    checkpoint = outcome(snapshots.create_snapshot(vm, None, SNAPSHOT_TYPE_RECOVERY))
+    settings = ExportSettings(snapshot_virtual_system=checkpoint.instance_id,
+                              differential_backup_base=point.instance_id)
+    job = finished(service.export_system_definition(vm, str(tmp_path / "attached"), settings))
+    assert (job.job_state, job.error_code) == (JobState.EXCEPTION, 32773)  # the base was never exported
+    report = outcome(service.export_system_definition(vm, str(tmp_path / "detached"), settings, detached=True))
+    assert [os.path.basename(p) for p in report["virtual_hard_disks"]] == [
+        f"web_disk{i}_{checkpoint.instance_id}.avhdx" for i in range(2)]
 
 
 def test_an_export_job_can_be_cancelled(host, vm, tmp_path):

@@ -55,7 +55,7 @@ def test_convert_refuses_and_cleans_up(tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(copymod.ThreadPoolExecutor, "submit", broken)
+    monkeypatch.setattr(copymod, "bounded_map", broken)
     with pytest.raises(OSError):
         disks.convert(child, str(tmp_path / "y.vhdx"))
     assert not os.path.exists(tmp_path / "y.vhdx")

@@ -1,5 +1,5 @@
-"""``hvbackup checkpoint``: create, list, apply and delete checkpoints (Msvm_VirtualSystemSnapshotService),
-and find and remove what interrupted backups left behind (``hvbackup.host.recovery``)."""
+"""``hvbackup checkpoint``: create, list, apply and delete checkpoints, and find and remove what
+interrupted backups left behind — through Msvm_VirtualSystemSnapshotService (``hvbackup.host.services``)."""
 
 from __future__ import annotations
 
@@ -116,15 +116,13 @@ def list_(
     """List checkpoints, oldest first, or (--orphaned) what interrupted backups left behind. A VM
     whose document is damaged is listed as such (and named on stderr)."""
     from hvbackup.cli.vm import warn_damaged
-    from hvbackup.host.vm import DamagedVm
+    from hvbackup.host import DamagedVm
 
     age = parse_age(older_than)
     if orphaned:
         if vm is not None:
             raise typer.BadParameter("--orphaned looks at every VM; give no VM", param_hint="--orphaned")
-        from hvbackup.host import recovery
-
-        _show_orphans(recovery.find_orphans(open_host(host_dir), max_age=age), json, "found")
+        _show_orphans(finish(_service(open_host(host_dir)).find_orphans(max_age=age), "looking"), json, "found")
         return
     source = ctx.get_parameter_source("older_than")
     if source is not None and source.name == "COMMANDLINE":
@@ -174,10 +172,9 @@ def delete(checkpoint: str = CHECKPOINT, vm: Optional[str] = VM_OPTION, host_dir
 def clean(older_than: str = OLDER_THAN, host_dir: Optional[str] = HOST, json: bool = JSON) -> None:
     """Remove what 'checkpoint list --orphaned' lists: stray recovery checkpoints (merged away) and
     disk files no VM record names. A VM whose document is damaged is left alone (named on stderr)."""
-    from hvbackup.host import recovery
-
     age = parse_age(older_than)
-    _show_orphans(recovery.clean(open_host(host_dir), max_age=age), json, "removed")
+    answer = _service(open_host(host_dir)).clean_orphans(max_age=age)
+    _show_orphans(finish(answer, "removing orphans", show_progress=not json), json, "removed")
 
 
 def _show_orphans(orphans, json: bool, verb: str) -> None:

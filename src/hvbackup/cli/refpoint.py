@@ -44,7 +44,7 @@ def list_(vm: Optional[str] = typer.Argument(None, metavar="VM", help="Only this
     """List reference points, oldest first, a line per disk (its change tracking ID). A VM whose document is damaged is
     listed as such (and named on stderr)."""
     from hvbackup.cli.vm import warn_damaged
-    from hvbackup.host.vm import DamagedVm
+    from hvbackup.host import DamagedVm
 
     host = open_host(host_dir)
     inventory = [host.vm(vm)] if vm else host.inventory()
@@ -69,13 +69,14 @@ def list_(vm: Optional[str] = typer.Argument(None, metavar="VM", help="Only this
 def destroy(reference_point: str = typer.Argument(..., metavar="ID", help="The reference point's ID."),
             host_dir: Optional[str] = HOST, json: bool = JSON) -> None:
     """Destroy a reference point: later backups can no longer be taken against it."""
+    from hvbackup.host.returns import INVALID_PARAMETER
     from hvbackup.host.services import VirtualSystemReferencePointService
 
     host = open_host(host_dir)
     owners = [vm for vm in host.vms()
               if any(p.instance_id.lower() == reference_point.lower() for p in vm.reference_points())]
     if not owners:
-        raise HostError(f"no reference point {reference_point!r} on this host", 32773)
+        raise HostError(f"no reference point {reference_point!r} on this host", INVALID_PARAMETER)
     finish(VirtualSystemReferencePointService(host).destroy_reference_point(owners[0], reference_point), "destroy")
     if json:
         emit_json({"instance_id": reference_point, "vm": owners[0].name, "destroyed": True})

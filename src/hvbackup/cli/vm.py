@@ -11,6 +11,7 @@ import typer
 from hvbackup.cli import vm_io
 from hvbackup.cli.host import finish, open_host
 from hvbackup.cli.output import HOST, JSON, emit_json, group, human_size, parse_size, plural, say, table, warn
+from hvbackup.units import MiB
 
 if TYPE_CHECKING:
     from hvbackup.host import Host
@@ -29,9 +30,9 @@ def _service(host: Host):
 
 def _memory_mb(text: str) -> int:
     memory = parse_size(text, "--memory")
-    if memory < 1 << 20 or memory % (1 << 20):
+    if memory < MiB or memory % MiB:
         raise typer.BadParameter(f"{text!r}: memory is a whole number of MiB, at least 1M", param_hint="--memory")
-    return memory >> 20
+    return memory // MiB
 
 
 def _disk_size(text: str) -> int:
@@ -78,7 +79,7 @@ def create(
 @app.command("list")
 def list_(host_dir: Optional[str] = HOST, json: bool = JSON) -> None:
     """List the host's VMs; one whose document is damaged is listed as such (and named on stderr)."""
-    from hvbackup.host.vm import DamagedVm
+    from hvbackup.host import DamagedVm
 
     inventory = open_host(host_dir).inventory()
     damaged = [e for e in inventory if isinstance(e, DamagedVm)]

@@ -11,14 +11,16 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator, Optional
 
 import typer
 
+from hvbackup import durable
 from hvbackup.cli.host import open_host
 from hvbackup.cli.output import HOST, JSON, emit_json, human_size, parse_size, plural, say
-from hvbackup.errors import HostError, HvBackupError
+from hvbackup.errors import HvBackupError
+from hvbackup.units import MiB
 
 if TYPE_CHECKING:
     from hvbackup.host import GuestDisk
 
-CHUNK = 1 << 20
+CHUNK = MiB
 
 
 class Action(str, Enum):
@@ -65,7 +67,7 @@ def io(
     try:
         if source is not None:
             count = os.fstat(source.fileno()).st_size
-        guest = _guest_disk(open_host(host_dir), vm, disk)
+        guest = open_host(host_dir).vm(vm).disk(disk)
         try:
             if start + count > guest.size:
                 raise typer.BadParameter(f"{plural(count, 'byte')} at offset {start} run past the end of disk {disk} "
@@ -89,14 +91,6 @@ def io(
         verb = "wrote" if action == Action.write else "read"
         saved = f" (saved to {result['out']})" if action == Action.read and out else ""
         say(f"{verb} {plural(done, 'byte')} at {start} of disk {disk}: sha256 {digest}{saved}")
-
-
-def _guest_disk(host, vm_name: str, index: int) -> GuestDisk:
-    vm = host.vm(vm_name)
-    count = len(vm.config.disks)
-    if index >= count:
-        raise HostError(f"VM {vm.name} has {plural(count, 'disk')}; there is no disk {index}", 32773)
-    return vm.disk(index)
 
 
 def _open_source(path: str) -> BinaryIO:
@@ -163,8 +157,9 @@ class _NoSink:
 
 
 class _Sink:
-    """``--out``: a regular file is written beside itself and renamed into place, so a failed read
-    leaves whatever was there; anything else (a device, a pipe) is written directly."""
+    """``--out``: a regular file is staged beside itself and put in place durably once the read is
+    done (``durable.Staged``), so a failed read leaves whatever was there; anything else (a device,
+    a pipe) is written directly."""
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -178,9 +173,9 @@ class _Sink:
             special = os.path.exists(self.path) and not stat.S_ISREG(os.stat(self.path).st_mode)
         except OSError:
             special = False
-        self.temp = None if special else os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}.partial")
         try:
-            self.file = open(self.temp or self.path, "wb")
+            self.staged = None if special else durable.Staged.next_to(self.path)
+            self.file = open(self.path, "wb") if special else None
         except OSError as exc:
             raise GuestIoError(f"--out {path}: cannot write it: {exc.strerror}") from None
 
@@ -189,28 +184,23 @@ class _Sink:
 
     def write(self, piece: bytes) -> None:
         try:
-            self.file.write(piece)
+            if self.staged:
+                self.staged.write([piece])
+            else:
+                self.file.write(piece)
         except OSError as exc:
             raise GuestIoError(f"--out {self.path}: writing failed: {exc.strerror}") from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
-                self.file.flush()
-                if self.temp:
-                    os.fsync(self.file.fileno())
-            self.file.close()
-            if exc_type is None and self.temp:
-                os.replace(self.temp, self.path)
+            if not self.staged:
+                self.file.close()
+            elif exc_type is None:
+                self.staged.finish(self.path)  # on failure it removes the staged file itself
+            else:
+                self.staged.discard()
         except OSError as error:
-            exc_type = type(error)
             raise GuestIoError(f"--out {self.path}: writing failed: {error.strerror}") from None
-        finally:
-            if exc_type is not None and self.temp:
-                try:
-                    os.unlink(self.temp)
-                except OSError:
-                    pass
 
 
 def _parse_byte(text: str) -> int:

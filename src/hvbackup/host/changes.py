@@ -12,13 +12,8 @@ import os
 
 from hvbackup import tracking
 from hvbackup.errors import DiskError, HostError, TrackingError
+from hvbackup.host.returns import FAILED, FILE_NOT_FOUND, INVALID_PARAMETER, INVALID_STATE, NOT_SUPPORTED
 from hvbackup.winerror import ERROR_INVALID_PARAMETER, ERROR_VHD_INVALID_CHANGE_TRACKING_ID, ERROR_VHD_INVALID_TYPE
-
-FAILED = 32768
-NOT_SUPPORTED = 32770
-INVALID_PARAMETER = 32773
-INVALID_STATE = 32775
-FILE_NOT_FOUND = 32779
 
 # A tracking error the caller caused is a bad parameter; one the disk's tracking state causes
 # (off, lost, changed offline) is an invalid state: the answer is to take a full backup.

@@ -35,7 +35,8 @@ from hvbackup.host.model import (
     VmState,
     new_id,
 )
-from hvbackup.host.vm import INVALID_PARAMETER, INVALID_STATE, SYSTEM_IN_USE, Vm
+from hvbackup.host.returns import INVALID_PARAMETER, INVALID_STATE, SYSTEM_IN_USE
+from hvbackup.host.vm import Vm
 from hvbackup.tracking.sidefiles import remove_side_files
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -148,13 +149,15 @@ def destroy(vm: Vm, checkpoint_id: str) -> None:
         finish_intent(vm)
         document = vm.load()
         checkpoint = vm.checkpoint(checkpoint_id)
-        _drop_record(document, checkpoint)
+        drop_record(document, checkpoint)
         document["intent"] = {"op": "collapse"}
         vm.save(document)
         collapse(vm)
 
 
-def _drop_record(document: dict, checkpoint: Checkpoint) -> None:
+def drop_record(document: dict, checkpoint: Checkpoint) -> None:
+    """Forget the checkpoint in ``document``: its children follow its parent. The caller records a
+    ``collapse`` intent in the same save, since the checkpoint's files may no longer be needed."""
     document["checkpoints"] = [c for c in document["checkpoints"] if c["instance_id"] != checkpoint.instance_id]
     for other in document["checkpoints"]:
         if other.get("parent") == checkpoint.instance_id:

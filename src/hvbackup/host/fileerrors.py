@@ -12,8 +12,8 @@ import errno
 from typing import Iterator
 
 from hvbackup.errors import DiskError, HostError
+from hvbackup.host.returns import ACCESS_DENIED, FAILED
 
-FAILED, ACCESS_DENIED = 32768, 32769
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 

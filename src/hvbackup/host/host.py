@@ -1,4 +1,9 @@
-"""The virtualization host: a directory of VMs whose disks are tracked VHDX files."""
+"""The virtualization host: a directory of VMs whose disks are tracked VHDX files, and the registry
+of their ``Vm`` objects (one per VM, shared by every caller in the process).
+
+The modules that work on VMs (``vm``, ``checkpoints``, ``refpoints``, ``recovery``) sit below this
+one and see the host as a ``vm.VmRegistry``; opening a host runs ``recovery.recover_all`` first.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,7 @@ import shutil
 import threading
 from typing import Callable, Iterator
 
-from hvbackup import stack, tracking
-from hvbackup.disks.fileio import sync_directory
+from hvbackup import durable, stack, tracking
 from hvbackup.errors import HostError
 from hvbackup.host import store
 from hvbackup.host.document import DocumentProblem, check_vm_document
@@ -22,9 +26,10 @@ from hvbackup.host.model import (
     new_id,
     new_vm_document,
 )
-from hvbackup.host.vm import DISK_DIRECTORY, INVALID_PARAMETER, DamagedVm, Vm
-
-STAGING_SUFFIX = ".partial"
+from hvbackup.host.recovery import recover_all
+from hvbackup.host.returns import INVALID_PARAMETER
+from hvbackup.host.store import STAGING_SUFFIX
+from hvbackup.host.vm import DISK_DIRECTORY, DamagedVm, Vm
 
 
 class Host:
@@ -53,8 +58,6 @@ class Host:
         store.read_document(os.path.join(host.directory, "host.json"))
         if not os.path.isdir(host.vms_directory):
             raise HostError(f"{host.vms_directory}: missing; the host directory is damaged")
-        from hvbackup.host.recovery import recover_all  # recovery uses the checkpoint machinery
-
         recover_all(host)
         return host
 
@@ -168,7 +171,7 @@ class Host:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            sync_directory(self.vms_directory)
+            durable.sync_directory(self.vms_directory)
             return self._vm(vm_id)
 
 

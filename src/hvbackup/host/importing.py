@@ -18,19 +18,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from hvbackup import disks, stack, tracking
 from hvbackup.errors import DiskError, HostError
 from hvbackup.host.document import DocumentProblem, check_config
 from hvbackup.host.export import CONFIG_DIRECTORY, DEFINITION_FORMAT, DEFINITION_VERSION
+from hvbackup.host.host import Host
 from hvbackup.host.model import DiskAttachment, VmConfig, check_vm_id, check_vm_name, disk_instance_id, new_id
-from hvbackup.host.vm import DISK_DIRECTORY, INVALID_PARAMETER, Vm
+from hvbackup.host.returns import INVALID_PARAMETER
+from hvbackup.host.vm import DISK_DIRECTORY, Vm
+from hvbackup.units import MiB
 
-if TYPE_CHECKING:
-    from hvbackup.host.host import Host
-
-MAX_DEFINITION = 1 << 24
+MAX_DEFINITION = 16 * MiB
 
 
 @dataclass

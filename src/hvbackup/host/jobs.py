@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from hvbackup.errors import HostError, HvBackupError
 from hvbackup.host.model import new_id
-
-FAILED = 32768  # the vendor-range "Failed" return value and job error code
+from hvbackup.host.returns import FAILED
 
 
 class JobState(enum.IntEnum):
@@ -169,7 +168,9 @@ class ConcreteJob:
         (4096: the transition started; the job ends Terminated once the operation stops). Returns
         1 for a state this host does not offer or a job that cannot be cancelled, 4097 for a job
         already finished, 5 for a value that is not a RequestedState."""
-        if requested_state not in RequestedJobState._value2member_map_:
+        try:
+            RequestedJobState(requested_state)
+        except ValueError:
             return REQUEST_INVALID_PARAMETER
         if requested_state not in (RequestedJobState.TERMINATE, RequestedJobState.KILL) or not self.cancellable:
             return REQUEST_NOT_SUPPORTED

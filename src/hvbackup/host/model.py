@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from hvbackup.errors import HostError
+from hvbackup.host.returns import INVALID_PARAMETER
 
 # Msvm_VirtualSystemSnapshotService.CreateSnapshot SnapshotType
 SNAPSHOT_TYPE_FULL = 2          # a standard checkpoint
@@ -25,7 +26,6 @@ SYSTEM_TYPE = {
 }
 REFERENCE_POINT_TYPE_RCT = 2    # Msvm_VirtualSystemReferencePoint.ReferencePointType
 CONSISTENCY_APPLICATION, CONSISTENCY_CRASH = 1, 2
-INVALID_PARAMETER = 32773
 
 # A VM name becomes part of file names (<name>_disk<i>_<checkpoint ID>.avhdx plus hidden temporary
 # and side-file suffixes, about 80 bytes more) and of an export's directory: 150 bytes keeps every

@@ -23,8 +23,10 @@ from typing import Iterable, Iterator
 
 from hvbackup.errors import HostError
 from hvbackup.host import store
-from hvbackup.host.host import STAGING_SUFFIX, Host
-from hvbackup.host.vm import INVALID_PARAMETER, SYSTEM_IN_USE, Vm
+from hvbackup.host.host import Host
+from hvbackup.host.returns import INVALID_PARAMETER, SYSTEM_IN_USE
+from hvbackup.host.store import STAGING_SUFFIX
+from hvbackup.host.vm import Vm
 
 HOST_METADATA = ("host.json", "host.lock")
 SIDE_FILE_SUFFIXES = (".rct", ".mrt")  # change tracking's files beside a disk (tracking/sidefiles.py)

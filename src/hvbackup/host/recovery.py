@@ -21,23 +21,19 @@ import datetime
 import os
 import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from hvbackup.errors import HvBackupError
 from hvbackup.host import checkpoints
 from hvbackup.host.fileerrors import file_errors
-from hvbackup.host.host import STAGING_SUFFIX
 from hvbackup.host.model import SNAPSHOT_TYPE_RECOVERY, Checkpoint
-from hvbackup.host.vm import DISK_DIRECTORY, DamagedVm, Vm
-
-if TYPE_CHECKING:
-    from hvbackup.host.host import Host
+from hvbackup.host.store import STAGING_SUFFIX
+from hvbackup.host.vm import DISK_DIRECTORY, DamagedVm, Vm, VmRegistry
 
 UNOWNED_MAX_AGE = datetime.timedelta(days=1)
 DISK_SUFFIXES = (".vhdx", ".avhdx", ".vhd", ".avhd")
 
 
-def recover_all(host: Host) -> list[DamagedVm]:
+def recover_all(host: VmRegistry) -> list[DamagedVm]:
     """At open: remove half-built VM directories and finish every VM's interrupted operation.
     Returns the VMs skipped because their document is damaged."""
     with host.lock.held():
@@ -72,7 +68,7 @@ class Orphans:
         }
 
 
-def find_orphans(host: Host, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orphans:
+def find_orphans(host: VmRegistry, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orphans:
     found = Orphans([], [], [])
     now = datetime.datetime.now(datetime.timezone.utc)
     for entry in host.inventory():
@@ -119,7 +115,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean(host: Host, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orphans:
+def clean(host: VmRegistry, *, max_age: datetime.timedelta = UNOWNED_MAX_AGE) -> Orphans:
     """Destroy stray recovery checkpoints (merging their files away) and delete unrecorded files."""
     with host.lock.held(), file_errors("removing orphaned disk files"):
         orphans = find_orphans(host, max_age=max_age)

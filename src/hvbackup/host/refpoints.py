@@ -7,7 +7,8 @@ from hvbackup.errors import HostError
 from hvbackup.host import checkpoints
 from hvbackup.host.fileerrors import file_errors
 from hvbackup.host.model import CONSISTENCY_APPLICATION, CONSISTENCY_CRASH, ReferencePoint, new_id
-from hvbackup.host.vm import INVALID_PARAMETER, Vm
+from hvbackup.host.returns import INVALID_PARAMETER
+from hvbackup.host.vm import Vm
 
 
 def convert_to_reference_point(vm: Vm, checkpoint_id: str, *, element_name: str | None = None,
@@ -35,7 +36,7 @@ def convert_to_reference_point(vm: Vm, checkpoint_id: str, *, element_name: str 
             element_name=checkpoint.name if element_name is None else element_name,
         )
         document = vm.load()
-        checkpoints._drop_record(document, checkpoint)
+        checkpoints.drop_record(document, checkpoint)
         document["reference_points"].append(point.to_dict())
         document["intent"] = {"op": "collapse"}
         vm.save(document)

@@ -9,54 +9,55 @@ Every method returns ``(return_value, value)`` and raises nothing for an expecte
   ``error_description`` say why not;
 * anything else — the method refused before starting; ``value`` is an ``MsvmError``.
 
-Two return-value tables are in use, as on Hyper-V. Msvm_VirtualSystemSnapshotService inherits the
-CIM table (1 Not Supported, 2 Failed, 3 Timeout, 4 Invalid Parameter, 5 Invalid State, 6 Invalid
-Type); the reference-point, management and image-management services use the vendor table (32768
-Failed, 32769 Access Denied, 32770 Not Supported, ... 32773 Invalid parameter, 32774 System is in
-use, 32775 Invalid state for this operation, ... 32779 File not found / File in use). The host's
-errors carry the vendor value (``HostError.return_value``); the snapshot service translates it to
-the CIM one. A job's ``error_code`` is always the vendor value.
+Two return-value tables are in use, as on Hyper-V (``returns.py``): Msvm_VirtualSystemSnapshotService
+answers from the CIM table (1 Not Supported, 2 Failed, 3 Timeout, 4 Invalid Parameter, 5 Invalid
+State, 6 Invalid Type), the other services from the vendor table (32768 Failed, ... 32773 Invalid
+parameter, 32774 System is in use, 32775 Invalid state for this operation, ... 32779 File not found /
+File in use). The host's errors carry the vendor value, which a job's ``error_code`` and an
+``MsvmError.error_code`` keep.
 
 Quick operations (CreateSnapshot, DestroyReferencePoint, DefineSystem, RequestStateChange,
-GetVirtualDiskChanges) finish before returning 0. Those that copy or merge disk data (ApplySnapshot,
-DestroySnapshot and ConvertToReferencePoint, which merge the checkpoint's AVHDX files away;
-ExportSystemDefinition; ImportSystemDefinition and RealizePlannedSystem) return 4096 and a job.
+GetVirtualDiskChanges, and the listings) finish before returning 0. Those that copy or merge disk
+data (ApplySnapshot, DestroySnapshot and ConvertToReferencePoint, which merge the checkpoint's AVHDX
+files away; removing orphans; ExportSystemDefinition; ImportSystemDefinition and
+RealizePlannedSystem) return 4096 and a job.
+
+These services are the host's one entry: the CLI and the backup engine call them, and ``outcome``
+turns an answer into its result or raises the failure, for callers that want Python's way.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from hvbackup.errors import HostError, HvBackupError
-from hvbackup.host import checkpoints, refpoints
+from hvbackup.host import checkpoints, recovery, refpoints
+from hvbackup.host.changes import get_virtual_disk_changes
+from hvbackup.host.export import export_subdirectory, export_system_definition
+from hvbackup.host.host import Host
+from hvbackup.host.importing import PlannedSystem, import_system_definition, realize_planned_system
 from hvbackup.host.jobs import ConcreteJob, JobType
 from hvbackup.host.model import (
     CONSISTENCY_APPLICATION,
     CONSISTENCY_CRASH,
+    SNAPSHOT_TYPE_FULL,
+    SNAPSHOT_TYPE_RECOVERY,
     ExportSettings,
     VmState,
     check_vm_name,
 )
+from hvbackup.host.returns import (
+    COMPLETED,
+    FAILED,
+    FILE_NOT_FOUND,
+    INVALID_PARAMETER,
+    JOB_STARTED,
+    cim_value,
+)
 from hvbackup.host.vm import Vm
-
-if TYPE_CHECKING:
-    from hvbackup.host.host import Host
-
-COMPLETED, JOB_STARTED = 0, 4096
-
-# CIM_VirtualSystemSnapshotService return values
-CIM_NOT_SUPPORTED, CIM_FAILED, CIM_TIMEOUT, CIM_INVALID_PARAMETER, CIM_INVALID_STATE, CIM_INVALID_TYPE = range(1, 7)
-
-# Msvm_* vendor return values
-FAILED, ACCESS_DENIED, NOT_SUPPORTED, STATUS_UNKNOWN, TIMEOUT = 32768, 32769, 32770, 32771, 32772
-INVALID_PARAMETER, SYSTEM_IN_USE, INVALID_STATE, INCORRECT_DATA_TYPE = 32773, 32774, 32775, 32776
-SYSTEM_NOT_AVAILABLE, OUT_OF_MEMORY, FILE_NOT_FOUND = 32777, 32778, 32779
-FILE_IN_USE = 32779  # ImportSystemDefinition's meaning of 32779
-
-_CIM_OF_VENDOR = {NOT_SUPPORTED: CIM_NOT_SUPPORTED, TIMEOUT: CIM_TIMEOUT, INVALID_PARAMETER: CIM_INVALID_PARAMETER,
-                  INVALID_STATE: CIM_INVALID_STATE, INCORRECT_DATA_TYPE: CIM_INVALID_TYPE}
 
 
 @dataclass
@@ -76,8 +77,22 @@ def vendor_value(exc: HvBackupError) -> int:
     return exc.return_value if isinstance(exc, HostError) else FAILED
 
 
-def cim_value(vendor: int) -> int:
-    return _CIM_OF_VENDOR.get(vendor, CIM_FAILED)
+def outcome(answer: tuple[int, Any]) -> Any:
+    """The result of a service call, after waiting for its job if it started one; a failure is raised:
+    the HvBackupError that caused it, or a HostError carrying the job's error code."""
+    return_value, value = answer
+    if return_value == COMPLETED:
+        return value
+    if not isinstance(value, ConcreteJob):
+        raise value.exception
+    job = value
+    job.wait()
+    if job.succeeded:
+        return job.result
+    if isinstance(job.exception, HvBackupError):
+        raise job.exception
+    raise HostError(f"{job.description}: job {job.instance_id} ended {job.job_state.name.title()} "
+                    f"({job.error_code}): {job.error_description}", job.error_code or FAILED) from job.exception
 
 
 def _call(to_table: Callable[[int], int], method: Callable[[], Any]) -> tuple[int, Any]:
@@ -107,7 +122,8 @@ def _job(job_type: JobType, description: str, operation, *, cancellable: bool = 
 
 class VirtualSystemSnapshotService:
     """Msvm_VirtualSystemSnapshotService: CreateSnapshot, ApplySnapshot, DestroySnapshot,
-    ConvertToReferencePoint. Return values from the CIM table (module docstring)."""
+    ConvertToReferencePoint; listing a VM's checkpoints, finding and removing orphans. Return values
+    from the CIM table (module docstring)."""
 
     SETTINGS = {"consistency_level", "ignore_non_snapshottable_disks", "guest_backup_type", "element_name"}
     REFERENCE_POINT_SETTINGS = {"consistency_level", "element_name"}
@@ -115,8 +131,8 @@ class VirtualSystemSnapshotService:
     def __init__(self, host: Host):
         self.host = host
 
-    def create_snapshot(self, vm: Vm, snapshot_settings: dict | None = None, snapshot_type: int = 2, *,
-                        owner_pid: int | None = None) -> tuple[int, Any]:
+    def create_snapshot(self, vm: Vm, snapshot_settings: dict | None = None,
+                        snapshot_type: int = SNAPSHOT_TYPE_FULL, *, owner_pid: int | None = None) -> tuple[int, Any]:
         """CreateSnapshot(AffectedSystem, SnapshotSettings, SnapshotType): ``snapshot_settings`` holds
         Msvm_VirtualSystemSnapshotSettingData fields in snake_case (``consistency_level`` 1
         application / 2 crash, ``element_name`` the checkpoint's name). Synchronous: (0, Checkpoint).
@@ -173,9 +189,43 @@ class VirtualSystemSnapshotService:
                             vm, checkpoint.instance_id, element_name=name, consistency_level=level))
         return _call(cim_value, method)
 
+    def get_snapshots(self, vm: Vm, snapshot_type: int | None = None) -> tuple[int, Any]:
+        """The VM's checkpoints, oldest first (Msvm_SnapshotOfVirtualSystem; hvbackup's own method):
+        all of them, or those of ``snapshot_type`` (2 standard, 32768 recovery). (0, [Checkpoint])."""
+        def method():
+            if snapshot_type not in (None, SNAPSHOT_TYPE_FULL, SNAPSHOT_TYPE_RECOVERY):
+                raise HostError(f"SnapshotType {snapshot_type!r} is not 2 (standard) or 32768 (recovery)",
+                                INVALID_PARAMETER)
+            return [c for c in vm.checkpoints() if snapshot_type in (None, c.snapshot_type)]
+        return _call(cim_value, method)
+
+    def find_orphans(self, *, max_age: datetime.timedelta = recovery.UNOWNED_MAX_AGE) -> tuple[int, Any]:
+        """What interrupted backups left on the host (hvbackup's own method): recovery checkpoints
+        whose backup is gone, or without an owner and older than ``max_age``, and disk files no
+        record names. (0, recovery.Orphans); the checkpoints are ``(vm, checkpoint, why)``."""
+        def method():
+            _require_age(max_age)
+            return recovery.find_orphans(self.host, max_age=max_age)
+        return _call(cim_value, method)
+
+    def clean_orphans(self, *, max_age: datetime.timedelta = recovery.UNOWNED_MAX_AGE) -> tuple[int, Any]:
+        """Remove what ``find_orphans`` finds (hvbackup's own method): a job (72) that destroys those
+        checkpoints, merging their files away, and deletes those files; its result is the Orphans."""
+        def method():
+            _require_age(max_age)
+            return _job(JobType.DELETE_VIRTUAL_MACHINE_SNAPSHOT, "remove orphaned checkpoints and files",
+                        lambda progress, cancelled: recovery.clean(self.host, max_age=max_age))
+        return _call(cim_value, method)
+
+
+def _require_age(max_age: object) -> None:
+    if not isinstance(max_age, datetime.timedelta) or max_age < datetime.timedelta(0):
+        raise HostError(f"{max_age!r} is not an age", INVALID_PARAMETER)
+
 
 class VirtualSystemReferencePointService:
-    """Msvm_VirtualSystemReferencePointService: DestroyReferencePoint (vendor table)."""
+    """Msvm_VirtualSystemReferencePointService: DestroyReferencePoint, listing a VM's reference
+    points (vendor table)."""
 
     def __init__(self, host: Host):
         self.host = host
@@ -183,6 +233,11 @@ class VirtualSystemReferencePointService:
     def destroy_reference_point(self, vm: Vm, reference_point_id: str) -> tuple[int, Any]:
         """DestroyReferencePoint(AffectedReferencePoint): synchronous, (0, None); 32773 if unknown."""
         return _call(_vendor, lambda: refpoints.destroy_reference_point(vm, reference_point_id))
+
+    def get_reference_points(self, vm: Vm) -> tuple[int, Any]:
+        """The VM's reference points, oldest first (Msvm_ReferencePointOfVirtualSystem; hvbackup's own
+        method). (0, [ReferencePoint])."""
+        return _call(_vendor, vm.reference_points)
 
 
 class VirtualSystemManagementService:
@@ -210,12 +265,11 @@ class VirtualSystemManagementService:
             return vm.request_state_change(actions[VmState(requested_state)])
         return _call(_vendor, method)
 
-    def export_system_definition(self, vm: Vm, export_directory: str,
-                                 export_setting_data: ExportSettings) -> tuple[int, Any]:
+    def export_system_definition(self, vm: Vm, export_directory: str, export_setting_data: ExportSettings, *,
+                                 detached: bool = False) -> tuple[int, Any]:
         """ExportSystemDefinition(ComputerSystem, ExportDirectory, ExportSettingData): a cancellable
-        job (62) whose result is what ``export_system_definition`` reports (the files written)."""
-        from hvbackup.host.export import export_subdirectory, export_system_definition
-
+        job (62) whose result is what ``export_system_definition`` reports (the files written).
+        ``detached`` (hvbackup's own): a differential that needs no export of its base."""
         def method():
             settings = export_setting_data
             if not export_directory or not isinstance(export_directory, str):
@@ -228,7 +282,8 @@ class VirtualSystemManagementService:
                 _require_base(vm, settings.differential_backup_base)
             return _job(JobType.EXPORT_VIRTUAL_MACHINE, f"export {vm.name}",
                         lambda progress, cancelled: export_system_definition(
-                            vm, export_directory, settings, progress=progress, cancelled=cancelled),
+                            vm, export_directory, settings, progress=progress, cancelled=cancelled,
+                            detached=detached),
                         cancellable=True)
         return _call(_vendor, method)
 
@@ -238,8 +293,6 @@ class VirtualSystemManagementService:
         """ImportSystemDefinition(SystemDefinitionFile, SnapshotFolder, GenerateNewSystemIdentifier):
         a job (61) whose result is the planned VM (Msvm_PlannedComputerSystem). ``name``
         (hvbackup's own) plans the VM under that name instead of the exported one."""
-        from hvbackup.host.importing import import_system_definition
-
         def method():
             if not isinstance(system_definition_file, str) or not os.path.isfile(system_definition_file):
                 raise HostError(f"{system_definition_file}: no such system definition file", INVALID_PARAMETER)
@@ -251,10 +304,8 @@ class VirtualSystemManagementService:
                             name=name))
         return _call(_vendor, method)
 
-    def realize_planned_system(self, planned_system) -> tuple[int, Any]:
+    def realize_planned_system(self, planned_system: PlannedSystem) -> tuple[int, Any]:
         """RealizePlannedSystem(PlannedSystem): a job (141) whose result is the VM."""
-        from hvbackup.host.importing import realize_planned_system
-
         return _call(_vendor, lambda: _job(JobType.REALIZING_VIRTUAL_MACHINE, "realize planned VM",
                                            lambda progress, cancelled: realize_planned_system(planned_system)))
 
@@ -276,8 +327,6 @@ class ImageManagementService:
                                  byte_length: int) -> tuple[int, Any]:
         """GetVirtualDiskChanges(Path, LimitId, ByteOffset, ByteLength): synchronous,
         (0, (ProcessedByteLength, ChangedByteOffsets, ChangedByteLengths))."""
-        from hvbackup.host.changes import get_virtual_disk_changes
-
         def method():
             if not os.path.exists(path):
                 raise HostError(f"{path}: no such virtual disk", FILE_NOT_FOUND)

@@ -8,10 +8,12 @@ Layout::
     DIR/vms/<vm id>/vm.json          one VM: configuration, state, checkpoints, reference points,
                                      and the operation in progress, if any (its intent)
     DIR/vms/<vm id>/Virtual Hard Disks/…   its disk files
+    DIR/vms/<vm id>.partial/         a VM being built; a crash leaves it for the next open to remove
 
-Every document is written whole to a temporary file, fsynced and renamed over the old one, so a
-crash leaves either version. A multi-step operation first records its intent in the VM's document;
-whoever takes the lock next finishes or undoes it (``checkpoints.finish_intent``).
+Every document is written whole under a hidden name, fsynced and renamed over the old one
+(``durable.write_file``), so a crash leaves either version. A multi-step operation first records its
+intent in the VM's document; whoever takes the lock next finishes or undoes it
+(``checkpoints.finish_intent``).
 
 One ``HostLock`` object stands for a host directory in a process, however many ``Host`` objects
 are opened on it: flock() locks belong to an open file, so two objects would block each other even
@@ -27,17 +29,20 @@ import os
 import threading
 from typing import Iterator
 
-from hvbackup.disks.fileio import replace_file
-from hvbackup.errors import DiskError, HostError
-from hvbackup.host.fileerrors import file_errors, write_failed
+from hvbackup import durable
+from hvbackup.errors import HostError
+from hvbackup.host.fileerrors import file_errors, return_value
+from hvbackup.units import MiB
 
 FORMAT_VERSION = 1
+MAX_DOCUMENT = 16 * MiB
+STAGING_SUFFIX = ".partial"
 
 
 def read_document(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            data = f.read(1 << 24)
+            data = f.read(MAX_DOCUMENT)
         document = json.loads(data)
     except FileNotFoundError:
         raise HostError(f"{path}: missing") from None
@@ -49,11 +54,11 @@ def read_document(path: str) -> dict:
 
 
 def write_document(path: str, document: dict) -> None:
-    document = {**document, "format_version": FORMAT_VERSION}
+    data = (json.dumps({**document, "format_version": FORMAT_VERSION}, indent=1, sort_keys=True) + "\n").encode()
     try:
-        replace_file(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
-    except DiskError as exc:
-        raise write_failed(exc) from None
+        durable.write_file(path, [data])
+    except OSError as exc:
+        raise HostError(f"{path}: cannot write: {exc.strerror or exc}", return_value(exc)) from None
 
 
 _LOCKS: dict[str, HostLock] = {}

@@ -8,8 +8,7 @@ import contextlib
 import os
 
 from hvbackup.errors import HostError
-
-INVALID_PARAMETER = 32773
+from hvbackup.host.returns import INVALID_PARAMETER
 
 
 class Created:

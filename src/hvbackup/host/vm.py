@@ -7,6 +7,9 @@ checkpoint or merging one away closes the disks under that lock and reopens them
 
 The document is checked whenever it is read or written (``document.py``): a damaged one is a
 HostError naming the file, never a KeyError. ``DamagedVm`` is what the host lists in its place.
+
+A VM knows its host only as a ``VmRegistry``: the host (``host.Host``) sits above the modules that
+work on VMs, so they name what they use of it rather than import it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from hvbackup import stack
 from hvbackup.disks.device import BlockDevice, Extent
@@ -27,15 +30,10 @@ from hvbackup.disks.filter import Filter
 from hvbackup.errors import DiskBusyError, HostError
 from hvbackup.host import store
 from hvbackup.host.document import DocumentProblem, check_vm_document
-from hvbackup.host.fileerrors import FAILED, file_errors
+from hvbackup.host.fileerrors import file_errors
 from hvbackup.host.model import Checkpoint, ReferencePoint, VmConfig, VmState, check_vm_name
+from hvbackup.host.returns import FAILED, INVALID_PARAMETER, INVALID_STATE, SYSTEM_IN_USE
 
-if TYPE_CHECKING:
-    from hvbackup.host.host import Host
-
-INVALID_STATE = 32775
-SYSTEM_IN_USE = 32774
-INVALID_PARAMETER = 32773
 DISK_DIRECTORY = "Virtual Hard Disks"
 EXCLUSIVE_FILE = "exclusive.lock"
 EXCLUSIVE_POLL = 0.1  # seconds between attempts while waiting for another holder
@@ -54,10 +52,25 @@ class DamagedVm:
         return {"id": self.vm_id, "directory": self.directory, "problem": self.problem}
 
 
+class VmRegistry(Protocol):
+    """What a VM, and the operations on it, use of the host it belongs to: its directory, the lock
+    that serialises metadata changes, and its VMs (``Vm`` objects are shared: one per VM and host)."""
+
+    directory: str
+    lock: store.HostLock
+
+    @property
+    def vms_directory(self) -> str: ...
+
+    def inventory(self) -> list[Vm | DamagedVm]: ...
+
+    def vms(self) -> list[Vm]: ...
+
+
 class Vm:
-    def __init__(self, host: Host, vm_id: str):
+    def __init__(self, host: VmRegistry, vm_id: str):
         self.host, self.vm_id = host, vm_id
-        self.directory = os.path.join(host.directory, "vms", vm_id)
+        self.directory = os.path.join(host.vms_directory, vm_id)
         self.document_path = os.path.join(self.directory, "vm.json")
         self.io_lock = threading.RLock()
         self._devices: dict[int, BlockDevice] = {}
