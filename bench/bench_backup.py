@@ -27,7 +27,9 @@ cases do not depend on each other:
                      then scattered writes (64 KiB of random data at random 64 KiB-aligned places:
                      the worst case for fixed-size chunks)
   export method      a full backup with ``--method export`` into a third repository, the file changes
-                     undone, and an incremental by export
+                     undone, and an incremental by export (the host exports a differential, read and
+                     removed); after it, the bytes the host directory holds beyond its VMs (target 0:
+                     no copy of the disks is kept)
 
 After each round the guest puts the image's bytes back at every place it changed (trimming where
 they are zeros, as a filesystem discards freed blocks), so every round backs up the same content.
@@ -454,7 +456,8 @@ def main_round(args, work: str, vm, image: str, size: int, changes: Changes, fil
     files.undo()
     seconds, result = timed(lambda: hv_backup(exported, vm, method="export"), args.settle)
     assert result.kind == "incremental", result
-    record(INCR_EXPORT, seconds, stored=result.bytes_stored, read=result.bytes_read)
+    host_extra = du(vm.host.directory) - du(vm.host.vms_directory)
+    record(INCR_EXPORT, seconds, stored=result.bytes_stored, read=result.bytes_read, host_extra=host_extra)
     remove(repos)
 
 
@@ -554,6 +557,7 @@ def main() -> None:
               "stored": log.get("stored"), "read": log.get("read"), "repository_size": sizes_on_disk,
               "ratios": ratios, "restores_identical": log.get("restores_identical", False),
               "second_full_stored_max": max(log["stored"]["hvbackup second full, unchanged"]),
+              "host_bytes_beyond_vms_after_export": max(log["host_extra"][INCR_EXPORT]),
               "chunk_study": study, "chunk_study_medians": study_medians,
               "default_chunk_size": DEFAULT_CHUNK_SIZE, "seconds_total": time.perf_counter() - started}
     with open(os.path.join(args.dir, "report.json"), "w") as f:
@@ -580,6 +584,8 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"| {name} | {value:.3f} |")
     print(f"\nsecond full of the unchanged VM stored at most {report['second_full_stored_max']} bytes (target < 1 MiB)")
+    print(f"after an export backup the host held {report['host_bytes_beyond_vms_after_export']} bytes beyond its "
+          "VMs (host.json: no copy of the disks is kept)")
     if study_medians:
         print("\n| chunk size | full (s) | restore (s) | incr., files (s) | / full | read (MiB) | "
               "incr., scattered (s) | / full | read (MiB) | repository (MiB) |\n" + "|---" * 10 + "|")

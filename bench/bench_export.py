@@ -11,6 +11,8 @@ its dirty pages to the disk; a virtual disk's host may still be writing them):
 
   full export          ExportSystemDefinition of the second checkpoint, no base (a full VHDX copy)
   differential export  the same against the reference point (a differencing VHDX of the changes)
+  detached differential  the same with ``detached=True``, as a backup by export asks: no export of
+                       the base needed, the differential's parent is the frozen disk it was cut from
   cp                   ``cp`` of the checkpoint's frozen VHDX, then ``sync FILE`` (fsync) so its copy is
                        on stable storage too, as the export's is when it returns
 
@@ -95,14 +97,15 @@ def main() -> None:
     out = os.path.join(args.dir, "out")
     sizes: dict[str, int] = {}
 
-    def export(base: str | None, name: str) -> None:
-        result = export_system_definition(vm, out, settings(checkpoint.instance_id, base))
+    def export(base: str | None, name: str, detached: bool = False) -> None:
+        result = export_system_definition(vm, out, settings(checkpoint.instance_id, base), detached=detached)
         sizes[name] = os.stat(result["virtual_hard_disks"][0]).st_blocks * 512
 
     copy = os.path.join(args.dir, "cp.vhdx")
     cases = {
         "full export": lambda: export(None, "full export"),
         "differential export": lambda: export(point.instance_id, "differential export"),
+        "detached differential": lambda: export(point.instance_id, "detached differential", detached=True),
         "cp + sync": lambda: subprocess.run(["sh", "-c", 'cp "$0" "$1" && sync "$1"', frozen, copy], check=True),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}

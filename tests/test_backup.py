@@ -10,12 +10,13 @@ import subprocess
 
 import pytest
 
-from hvbackup import disks
-from hvbackup.backup.engine import backup_vm, backup_vms, default_staging
+from hvbackup import disks, stack, tracking
+from hvbackup.backup import planner, readers
+from hvbackup.backup.engine import backup_vm, backup_vms
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.restore import restore_disk, restore_vm
 from hvbackup.errors import BackupError
-from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, checkpoints
+from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, Host, checkpoints, refpoints
 from hvbackup.host.model import VmState
 from hvbackup.units import MiB
 
@@ -85,22 +86,30 @@ def test_full_then_incrementals_restore_exactly(setup, method):
     assert vm.checkpoints() == []
 
 
-def test_both_methods_store_the_same_point(setup):
+def chunk_lists(repo, result) -> list[list]:
+    return [d["chunks"].to_json() for d in repo.point(result.point_id)["disks"]]
+
+
+def test_both_methods_store_the_same_point_whichever_came_before(setup):
+    """Three VMs with the same content, backed up by each method and by alternating ones: every
+    round's points are identical chunk for chunk, though the export's incrementals are built from
+    a differential laid over the base point's chunks and the virtdisk ones read the disk."""
     host, repo, tmp = setup
-    vms = [new_vm(host, name) for name in ("a", "b")]
+    orders = {"virtdisk": ["virtdisk"] * 3, "export": ["export"] * 3, "mixed": ["virtdisk", "export", "virtdisk"]}
+    vms = {name: new_vm(host, name) for name in orders}
     content = os.urandom(3 * MiB)
-    for vm in vms:
-        vm.disk(0).write(0, content)
-        vm.disk(1).write(MiB, content[:MiB])
-    first = [backup(repo, vm, method=m) for vm, m in zip(vms, ["virtdisk", "export"])]
-    for vm in vms:
-        vm.disk(0).write(7 * MiB + 4096, content[:200_000])
-        vm.disk(1).trim(MiB, 4096)
-    second = [backup(repo, vm, method=m) for vm, m in zip(vms, ["virtdisk", "export"])]
-    assert [r.kind for r in second] == ["incremental", "incremental"]
-    for pair in (first, second):
-        lists = [[d["chunks"].to_json() for d in repo.point(r.point_id)["disks"]] for r in pair]
-        assert lists[0] == lists[1]
+    rounds = []
+    for round_no in range(3):
+        for vm in vms.values():
+            vm.disk(0).write(round_no * 7 * MiB + 4096, content[:200_000 * (round_no + 1)])
+            vm.disk(1).write(MiB + round_no * 512, content[:MiB])
+            vm.disk(1).trim(2 * MiB, 4096 * round_no)
+        rounds.append({name: backup(repo, vm, method=orders[name][round_no]) for name, vm in vms.items()})
+    for results in rounds:
+        assert len({str(chunk_lists(repo, r)) for r in results.values()}) == 1
+    assert [r.kind for results in rounds[1:] for r in results.values()] == ["incremental"] * 6
+    for name, vm in vms.items():
+        assert restored(repo, rounds[-1][name].point_id, 1, tmp) == image(vm, 1)
 
 
 def test_second_full_of_an_unchanged_vm_stores_almost_nothing(setup):
@@ -145,21 +154,27 @@ def test_changes_made_offline_force_a_full_read_and_say_why(setup, method):
         raw_disk.write(5 * MiB, os.urandom(MiB))
     result = backup(repo, vm, method=method)  # an Off VM backs up too
     vm.request_state_change("start")
-    assert any("disk 0: read in full" in note for note in result.notes), result.notes
+    # VirtDisk names the cause per disk; the host's export fails as a whole (32775), so every disk
+    # of an export is read in full.
+    expected = {"virtdisk": {0: readers.CHANGED_OFFLINE},
+                "export": {0: readers.TRACKING_LOST, 1: readers.TRACKING_LOST}}[method]
+    assert result.read_in_full == expected, result.notes
     assert restored(repo, result.point_id, 0, tmp) == image(vm, 0)
     assert restored(repo, result.point_id, 1, tmp) == image(vm, 1)
     following = backup(repo, vm, method=method)
     assert following.kind == "incremental", following.notes
 
 
-def test_export_without_its_staged_base_reads_in_full(setup, tmp_path):
+@pytest.mark.parametrize("first, then", [("virtdisk", "export"), ("export", "virtdisk")])
+def test_switching_methods_stays_incremental_and_reads_only_the_change(setup, first, then):
     host, repo, tmp = setup
     vm = new_vm(host)
-    backup(repo, vm, method="virtdisk")  # no staged export for the export method to build on
-    result = backup(repo, vm, method="export")
-    assert result.kind == "full"
-    assert all("staged export" in n for n in result.notes) and len(result.notes) == 2
-    assert backup(repo, vm, method="export").kind == "incremental"
+    base = backup(repo, vm, method=first)
+    vm.disk(0).write(9 * MiB + 512, os.urandom(100_000))  # inside one chunk
+    result = backup(repo, vm, method=then)
+    assert result.kind == "incremental" and result.base_point == base.point_id and result.read_in_full == {}
+    assert result.bytes_read == CHUNK and result.notes == []
+    assert restored(repo, result.point_id, 0, tmp) == image(vm, 0)
 
 
 def test_stray_recovery_checkpoints_are_removed_first(setup):
@@ -215,15 +230,75 @@ def test_restore_refuses_to_overwrite(setup):
         restore_disk(repo, result.point_id, 5, str(tmp / "other.vhdx"))
 
 
-def test_only_the_export_the_next_differential_needs_stays_staged(setup):
+def host_files(host) -> dict[str, int]:
+    """Every file under the host directory and its size (bytes allocated: a sparse disk counts what it holds)."""
+    found = {}
+    for root, _, names in os.walk(host.directory):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, host.directory)] = os.stat(path).st_blocks * 512
+    return found
+
+
+def test_an_export_backup_leaves_the_host_nothing_but_the_vms_own_files(setup):
     host, repo, _ = setup
     vm = new_vm(host)
-    staging = default_staging(vm, repo)
+    os.makedirs(os.path.join(host.directory, "export-staging", vm.vm_id, repo.id))  # an older version's
+    backup(repo, vm, method="virtdisk")
+    vm.close_disks()
+    before = host_files(host)
+    assert not os.path.exists(os.path.join(host.directory, "export-staging"))
     for _ in range(2):
-        result = backup(repo, vm, method="export")
-        assert os.listdir(staging) == [vm.reference_point(result.reference_point).exported[0].split(os.sep)[-3]]
-    backup(repo, vm, method="virtdisk")  # the staged export's reference point is gone now
-    assert not os.path.exists(staging)
+        vm.disk(0).write(5 * MiB, os.urandom(MiB))
+        assert backup(repo, vm, method="export").kind == "incremental"
+        vm.close_disks()
+        after = host_files(host)
+        assert sorted(after) == sorted(before)  # the same files: the VM's disks, tracking and documents
+        assert sum(after.values()) <= sum(before.values()) + 2 * MiB  # grown by what the guest wrote, no copy
+
+
+def test_why_a_disk_is_read_in_full_is_a_reason_code(setup):
+    host, repo, _ = setup
+    vm = new_vm(host)
+    assert backup(repo, vm).read_in_full == {0: readers.NO_BASE, 1: readers.NO_BASE}
+    assert backup(repo, vm, full=True).read_in_full == {0: readers.FULL_ASKED, 1: readers.FULL_ASKED}
+    for point in vm.reference_points():
+        refpoints.destroy_reference_point(vm, point.instance_id)
+    assert backup(repo, vm).read_in_full == {0: readers.REFERENCE_POINT_GONE, 1: readers.REFERENCE_POINT_GONE}
+    # Tracking lost: its side files deleted while the VM is off.
+    vm.request_state_change("stop")
+    vm.close_disks()
+    active = vm.path_of(vm.config.disks[1].active)
+    for side in ("rct", "mrt"):
+        os.unlink(f"{active}.{side}")
+    result = backup(repo, vm)
+    assert result.read_in_full == {1: readers.TRACKING_LOST} and result.kind == "incremental", result.notes
+    # A disk replaced by a larger one (the same attachment): resized.
+    for method, size in (("virtdisk", 12 * MiB), ("export", 14 * MiB)):
+        os.unlink(active)
+        stack.create(active, size, block_size=MiB).close()
+        tracking.enable(active)
+        result = backup(repo, vm, method=method)
+        assert result.read_in_full[1] == readers.RESIZED, result.notes
+        assert repo.point(result.point_id)["disks"][1]["geometry"]["virtual_size"] == size
+
+
+def test_the_planner_cuts_ranges_at_chunk_boundaries():
+    class Whole:
+        whole = True
+        geometry = readers.Geometry(10 * CHUNK + 512, MiB, 512, 4096)
+
+    class Differential(Whole):
+        whole = False
+
+    base = repo_index = None
+    changes = readers.merged([(CHUNK - 512, 1024), (3 * CHUNK, 10), (3 * CHUNK + 5, 100), (10 * CHUNK, 512)])
+    assert changes == [(CHUNK - 512, 1024), (3 * CHUNK, 105), (10 * CHUNK, 512)]
+    assert planner.incremental(Whole(), changes, base, CHUNK).slots == [0, 1, 3, 10]
+    patched = planner.incremental(Differential(), changes, repo_index, CHUNK)
+    assert patched.patches == {0: [(CHUNK - 512, 512)], 1: [(CHUNK, 512)], 3: [(3 * CHUNK, 105)],
+                               10: [(10 * CHUNK, 512)]}
+    assert planner.slot_bytes(patched, CHUNK, Whole.geometry.virtual_size) == 3 * CHUNK + 512
 
 
 def test_a_failure_after_the_commit_is_a_note_on_a_stored_point(setup, monkeypatch):

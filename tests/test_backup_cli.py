@@ -19,7 +19,7 @@ from hvbackup.host import Host
 from hvbackup.units import MiB
 
 RESULT_KEYS = {"point_id", "vm", "kind", "method", "bytes_read", "bytes_stored", "seconds", "base_point",
-               "reference_point", "notes"}
+               "reference_point", "notes", "read_in_full"}
 
 
 @pytest.mark.parametrize("method", ["virtdisk", "export"])
@@ -29,6 +29,7 @@ def test_full_then_incremental_restore_bit_identical(hv, hv_json, where, method)
     [full] = hv_json("backup", "web", "--method", method)
     assert set(full) == RESULT_KEYS
     assert (full["vm"], full["kind"], full["method"], full["base_point"]) == ("web", "full", method, None)
+    assert full["read_in_full"] == {"0": "no-base", "1": "no-base"}
     assert full["bytes_read"] >= 4 * MiB and full["bytes_stored"] > 0
     at_full = digests(vm)
 
@@ -55,15 +56,14 @@ def test_backup_prints_a_line_per_vm_with_its_notes(hv, hv_json, where):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("web: full (virtdisk) read ") and "stored" in lines[0] and "point" in lines[0]
-    assert lines[1].startswith("  no earlier restore point")  # why the first backup is full
+    assert lines[1].startswith("  read in full (no-base): ")  # why the first backup is full
     assert any(line.startswith("db: full (virtdisk)") for line in lines)
     again = hv("backup", "db", "--full", "--method", "export")
     assert again.returncode == 0 and again.stdout == again.stdout.splitlines()[0] + "\n"  # nothing to note
     assert again.stdout.startswith("db: full (export)"), again.stdout
     assert [r["vm"] for r in hv_json("backup", "web", web.vm_id, "web")] == ["web"]
     switched = hv("backup", "web", "--method", "export").stdout.splitlines()
-    assert switched[0].startswith("web: full (export)")
-    assert any(line.startswith("  disk 0: read in full: ") for line in switched[1:]), switched
+    assert switched[0].startswith("web: incremental (export)") and len(switched) == 1, switched
 
 
 def test_progress_bars_draw_on_a_terminal(hv, where, monkeypatch):

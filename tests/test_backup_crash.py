@@ -25,7 +25,8 @@ from blake3 import blake3
 
 from hvbackup import disks
 from hvbackup.backup.chunks import NAME, chunk_path
-from hvbackup.backup.engine import backup_vm, default_staging
+from hvbackup.backup.engine import backup_vm
+from hvbackup.backup.readers import export as export_reader
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.restore import restore_disk, restore_vm
 from hvbackup.errors import BackupError, RepositoryError
@@ -202,7 +203,8 @@ def test_sigkill_during_backups(tmp_path, sample):
     log = str(tmp_path / "log")
     checked: set[str] = set()
     last_marker = 0
-    kills_inside_backup = orphans_seen = uncommitted_references = stale_staged = 0
+    kills_inside_backup = orphans_seen = uncommitted_references = 0
+    host_entries = sorted(os.listdir(host.directory))
     cases = sample(12, 60)
     for case in range(1, cases + 1):
         child = spawn("backup", host.directory, repo_dir, log, case)
@@ -267,17 +269,11 @@ def test_sigkill_during_backups(tmp_path, sample):
         assert [restored_sha(repo, result.point_id, i, tmp_path) for i in range(len(SIZES))] == want
         checked.add(result.point_id)
         assert leftover_files(Path(repo_dir, "tmp")) == []
-        staged = leftover_files(Path(default_staging(vm, repo)))
-        if result.method == "export":
-            assert len(staged) == 1, staged  # its own; older and killed runs' exports are removed
-        else:
-            # A virtdisk backup leaves staged exports alone, even a killed run's or one whose reference
-            # point it just destroyed: disk space only (reported), the next export backup removes them.
-            stale_staged = max(stale_staged, len(staged))
+        # Nothing beside the VMs: not this backup's export, nor one a killed run left.
+        assert sorted(os.listdir(host.directory)) == host_entries
         vm.close_disks()  # the next workload opens them
     print(f"{cases} kills, {kills_inside_backup} inside a backup, {orphans_seen} left a recovery checkpoint, "
-          f"{uncommitted_references} an uncommitted reference point, {len(checked)} points checked, "
-          f"up to {stale_staged} staged exports kept after a virtdisk backup")
+          f"{uncommitted_references} an uncommitted reference point, {len(checked)} points checked")
     assert len(checked) > cases, "the workload never committed a point: the kills came too early"
     assert kills_inside_backup >= cases // 3, "too few kills landed inside a backup"
     assert orphans_seen >= cases // 6, "the aimed kills left no recovery checkpoint behind"
@@ -624,10 +620,10 @@ def small_fs(tmp_path):
 
 
 @pytest.mark.parametrize("method, full_part", [("virtdisk", "repository"), ("export", "repository"),
-                                               ("export", "staging")])
-def test_backup_into_a_full_filesystem(tmp_path, small_fs, method, full_part):
-    """A backup that runs out of space (storing chunks, or exporting into the staging directory)
-    fails with a clear BackupError, removes its recovery checkpoint and staged files, keeps the last
+                                               ("export", "export")])
+def test_backup_into_a_full_filesystem(tmp_path, small_fs, monkeypatch, method, full_part):
+    """A backup that runs out of space (storing chunks, or the host exporting the changes) fails
+    with a clear BackupError, removes its recovery checkpoint and the export, keeps the last
     reference point, and leaves the repository sound; once there is room again the next backup
     works and restores exactly."""
     host = Host.init(str(tmp_path / "host"))
@@ -637,31 +633,32 @@ def test_backup_into_a_full_filesystem(tmp_path, small_fs, method, full_part):
     if not in_small:  # room for the first, sparse export (about 8.4 MiB), not for the second
         subprocess.run(["mount", "-o", "remount,size=12m", str(small_fs)], check=True)
     repo = Repository.init(str((small_fs if in_small else tmp_path) / "repo"), chunk_size=CHUNK)
-    staging = None if in_small else str(small_fs / "staging")
+    exporting = small_fs / "exporting"
+    if not in_small:
+        monkeypatch.setattr(export_reader, "export_directory", lambda vm: str(exporting))
     workload.guest_writes(vm, random.Random(1), 1)
     with repo.session() as session:
-        first = backup_vm(session, vm, method=method, staging=staging)
+        first = backup_vm(session, vm, method=method)
     first_shas = vm_disk_shas(vm)
     for index, size in enumerate(SIZES):  # incompressible data, more than the filesystem holds
         vm.disk(index).write(0, random.Random(index).randbytes(size))
         vm.disk(index).flush()
     with pytest.raises(BackupError, match="No space left on device") as failed:
         with repo.session() as session:
-            backup_vm(session, vm, method=method, staging=staging)
+            backup_vm(session, vm, method=method)
     assert ("cannot store chunk" if in_small else "exporting") in str(failed.value)
     assert vm.checkpoints() == []
     assert [r.instance_id for r in vm.reference_points()] == [first.reference_point]
     assert repo.point_ids() == [first.point_id]
     assert repo.verify(read_data=True) == []
     assert leftover_files(Path(repo.path, "tmp")) == []
-    if method == "export":  # only the staged export of the kept reference point is left
-        assert len(leftover_files(Path(staging or default_staging(vm, repo)))) == 1
+    assert not exporting.exists()
     repo.prune()  # the chunks the failed backup stored are garbage now
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
     want = vm_disk_shas(vm)
     with repo.session() as session:
-        second = backup_vm(session, vm, method=method, staging=staging)
+        second = backup_vm(session, vm, method=method)
     assert second.kind == "incremental", second.notes
     assert vm.checkpoints() == [] and [r.instance_id for r in vm.reference_points()] == [second.reference_point]
     out = tmp_path / "out"

@@ -73,6 +73,21 @@ def test_an_incremental_reads_again_what_its_base_lost(hv, hv_json, where):
     restores_exactly(hv, tmp, second["point_id"], digests(vm))
 
 
+def test_an_export_over_a_base_with_lost_chunks_reads_in_full_and_says_why(hv, hv_json, where):
+    """The export's differential is laid over the base point's chunks; with one of them lost there is
+    nothing to lay it over, so the host exports in full and the lost chunk is stored again."""
+    host, tmp = where
+    vm = new_vm(host)
+    [first] = hv_json("backup", "web", "--method", "export")
+    os.unlink(chunk_path(str(tmp / "repo"), chunks_of(tmp / "repo", first["point_id"])[0]))
+    guest_write(vm, 1, 0, os.urandom(4096))
+    [second] = hv_json("backup", "web", "--method", "export")
+    assert second["kind"] == "full" and second["read_in_full"] == {"0": "base-chunks-lost", "1": "base-chunks-lost"}
+    assert hv("verify", "--read-data").returncode == 0
+    restores_exactly(hv, tmp, first["point_id"], digests(vm)[:1])  # the first point is whole again (disk 0 unchanged)
+    restores_exactly(hv, tmp, second["point_id"], digests(vm))
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "zeros"])
 def test_a_damaged_chunk_found_by_verify_is_stored_again_by_the_next_backup(hv, hv_json, where, damage):
     host, tmp = where

@@ -272,6 +272,42 @@ def test_export_errors(host, tmp_path):
     vm.close_disks()
 
 
+def test_a_detached_differential_needs_no_export_of_its_base_and_reads_alone(host, tmp_path):
+    """A backup application that keeps its base elsewhere asks for a detached differential: the base
+    reference point has no export, the differential's own sectors are exactly the changed ranges,
+    readable without its parent, and laid over the base they give the disk at the checkpoint."""
+    guest = Guest(host, [8 * MiB, 4 * MiB])
+    guest.write(0, 0, os.urandom(3 * MiB))
+    base = guest.snapshot()
+    point = refpoints.convert_to_reference_point(guest.vm, recovery_checkpoint(guest.vm).instance_id)
+    guest.write(0, 5 * MiB + 4096, os.urandom(K64))
+    guest.trim(0, MiB, K64)
+    checkpoint = recovery_checkpoint(guest.vm)
+    settings = ExportSettings(snapshot_virtual_system=checkpoint.instance_id,
+                              differential_backup_base=point.instance_id, create_vm_export_subdirectory=False)
+    files = export_system_definition(guest.vm, str(tmp_path / "x"), settings, detached=True)["virtual_hard_disks"]
+    assert sorted(os.listdir(tmp_path / "x" / "Virtual Hard Disks")) == sorted(map(os.path.basename, files))
+    want = guest.snapshot()
+    for index, path in enumerate(files):
+        with disks.open(path, read_only=True, without_parent=True) as alone:
+            assert alone.disk_type == "differencing" and alone.parent is None
+            own = [(e.offset, e.length) for e in alone.extents() if e.state == disks.ExtentState.DATA]
+            laid = bytearray(base[index])
+            for offset, length in own:
+                laid[offset:offset + length] = alone.read(offset, length)
+        assert bytes(laid) == want[index]
+        # The tracking granules the changes touch (the write straddles two), nothing more.
+        assert sum(length for _, length in own) == (3 * K64 if index == 0 else 0)
+    with pytest.raises(Exception, match="read-only"):
+        disks.open(files[0], without_parent=True)
+    merge = ExportSettings(snapshot_virtual_system=checkpoint.instance_id, differential_backup_base=point.instance_id,
+                           backup_intent=BACKUP_INTENT_MERGE)
+    with pytest.raises(HostError) as refused:  # a Merge writes into the base's export: there is none
+        export_system_definition(guest.vm, str(tmp_path / "y"), merge, detached=True)
+    assert refused.value.return_value == 32773 and not (tmp_path / "y").exists()
+    guest.vm.close_disks()
+
+
 @pytest.mark.parametrize("intent", [BACKUP_INTENT_PRESERVE_CHAIN, BACKUP_INTENT_MERGE])
 def test_cancelled_export_leaves_nothing_that_looks_complete(host, tmp_path, intent):
     guest = Guest(host, [64 * MiB])

@@ -1,20 +1,18 @@
 """Backing VMs up: the WMI-based backup flow, each run stored as one restore point.
 
-For each VM:
+For each VM (only one backup of a VM runs at a time, ``Vm.exclusive``):
 
-1. The base: the VM's newest restore point in the repository whose RCT IDs one of the VM's
-   reference points still carries. Without one (first backup, ``full``, a reference point removed by
-   hand) every disk is read in full. Only one backup of a VM runs at a time (``Vm.exclusive``).
+1. The base: the VM's newest restore point in this repository whose RCT IDs one of the VM's
+   reference points still carries, whichever method stored it. None for the first backup, with
+   ``full``, or when the reference point is gone.
 2. CreateSnapshot with SnapshotType 32768: a recovery checkpoint, owned by this process and named
-   for the repository. One an interrupted run left behind (its process gone) is removed first;
-   ``checkpoint clean`` removes them too.
-3. Per disk, the chunks to read: every chunk holding data (full), or those the change list touches
-   (incremental), plus any chunk of the base that the repository has lost; the writer takes every
-   other slot from the base point's index. A disk whose changes cannot be had — tracking off, lost
-   or changed offline, a disk new since the base — is read in full, and the point's ``notes`` say why.
-4. ConvertToReferencePoint, then the manifest is committed naming the new reference point, then
-   DestroyReferencePoint for the older reference points of this repository (other repositories keep
-   theirs): a crash between these steps leaves a base the next run still finds.
+   for the repository (one an interrupted run left behind is removed first).
+3. For each disk of the checkpoint: a reader (``readers``: virtdisk or export) -> the ranges changed
+   since the base, or ReadInFull with its reason (noted) and the ranges holding data -> the planner
+   (chunk slots; the base point's index copied, changed slots overwritten) -> the writer.
+4. Commit: ConvertToReferencePoint, the manifest committed naming it, then DestroyReferencePoint for
+   this repository's older reference points (other repositories keep theirs): a crash between
+   these steps leaves a base the next run still finds.
 5. On failure or interruption: DestroySnapshot; nothing of the run becomes visible in the repository
    and the base reference point stays, so the next incremental still works.
 """
@@ -25,29 +23,31 @@ import os
 import shutil
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hvbackup.backup.index import ChunkIndex
-from hvbackup.backup.repository import REPOSITORY_ID, Repository
-from hvbackup.backup.sources import DiskReader, ExportSource, VirtDiskSource
+from hvbackup.backup import planner, readers
+from hvbackup.backup.planner import DiskPlan
+from hvbackup.backup.readers import BASE_CHUNKS_LOST, FULL_ASKED, NO_BASE, REFERENCE_POINT_GONE, Reader, ReadInFull
+from hvbackup.backup.readers.export import export_directory
+from hvbackup.backup.repository import Repository
 from hvbackup.backup.writer import Session, Writer
-from hvbackup.errors import BackupError, HvBackupError, Interrupted, NeedsFull, RepositoryError
+from hvbackup.errors import BackupError, HvBackupError, Interrupted, RepositoryError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
-from hvbackup.host.model import ReferencePoint
+from hvbackup.host.model import Checkpoint, ReferencePoint
 from hvbackup.host.vm import Vm
+from hvbackup.meter import ByteMeter
+from hvbackup.workers import run_bounded
 
-METHODS = ("virtdisk", "export")
-STAGING_DIRECTORY = "export-staging"
+METHODS = readers.METHODS
+LEGACY_STAGING = "export-staging"  # where earlier versions kept a full export of every VM: removed
 READ_AHEAD = 6  # chunks in flight per disk: enough to keep hashing and compression on both cores busy
 # Threads that read, hash, compress and write chunks: one per core (the fsyncs run in the repository
 # session's own threads, so these never wait for the disk). Measured: docs/benchmarks.md, "Backup pipe
 # speed (issue 12)".
 WORKERS = max(2, min(8, os.cpu_count() or 2))
 Progress = Callable[[str, int, int], None]  # (VM name, bytes done, bytes to do)
-
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Result:
     base_point: str | None
     reference_point: str
     notes: list[str] = field(default_factory=list)
+    read_in_full: dict[int, str] = field(default_factory=dict)  # disk index -> ReadInFull reason code
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -79,28 +80,27 @@ def reference_name(repo: Repository) -> str:
     return f"hvbackup repository {repo.id}"
 
 
-def default_staging(vm: Vm, repo: Repository) -> str:
-    """Beside the VM's own files on the host, which already hold the same data unencrypted; never
-    inside an (encrypted) repository. One per repository, each the base of that repository's next
-    differential."""
-    return os.path.join(vm.host.directory, STAGING_DIRECTORY, vm.vm_id, repo.id)
-
-
-def find_base(repo: Repository, vm: Vm) -> _Base | None:
-    """The VM's newest restore point whose RCT IDs a reference point of the VM still has: manifests
-    are read newest first, and only until it is found. A damaged one is passed over."""
+def find_base(repo: Repository, vm: Vm) -> _Base | ReadInFull:
+    """The VM's newest restore point whose RCT IDs a reference point of the VM still has, or why
+    there is none. Manifests are read newest first, and only until it is found; a damaged one is
+    passed over."""
     by_rct = {tuple(r.resilient_change_tracking_identifiers): r for r in vm.reference_points()
               if r.resilient_change_tracking_identifiers}
-    if not by_rct:
-        return None
+    earlier = False
     for point_id in reversed(repo.point_ids()):
         try:
             point = repo.point(point_id)
         except RepositoryError:
             continue
-        if point["vm_id"] == vm.vm_id and tuple(point["rct_ids"]) in by_rct:
+        if point["vm_id"] != vm.vm_id:
+            continue
+        if tuple(point["rct_ids"]) in by_rct:
             return _Base(point, by_rct[tuple(point["rct_ids"])])
-    return None
+        earlier = True
+    if earlier:
+        return ReadInFull("no reference point of the VM matches one of its restore points in this repository",
+                          reason=REFERENCE_POINT_GONE)
+    return ReadInFull("no earlier restore point of this VM in this repository", reason=NO_BASE)
 
 
 def _describe(exc: BaseException) -> str:
@@ -117,10 +117,8 @@ def _failure(vm: str, exc: BaseException) -> BackupError:
 
 
 def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool = False,
-              staging: str | None = None, progress: Progress | None = None,
-              cancel: threading.Event | None = None) -> Result:
-    """Back up one VM into the session's repository and return what was stored. ``staging`` is
-    where the export method keeps the VM's exported disks (``default_staging``). Setting ``cancel``
+              progress: Progress | None = None, cancel: threading.Event | None = None) -> Result:
+    """Back up one VM into the session's repository and return what was stored. Setting ``cancel``
     stops the backup at the next chunk; it then cleans up as a failure does and raises Interrupted.
     Every failure is a BackupError naming the VM."""
     name = vm.vm_id
@@ -128,71 +126,128 @@ def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool 
         name = vm.name
         if method not in METHODS:
             raise BackupError(name, f"unknown method {method!r} (one of {', '.join(METHODS)})")
+        report = (lambda done, total: progress(name, done, total)) if progress else None
+        meter = ByteMeter(report, cancel or threading.Event())
         with vm.exclusive("backed up"):
-            return _backup(session, vm, name, method, full, staging or default_staging(vm, session.repo), progress,
-                           cancel or threading.Event())
+            return _backup(session, vm, name, method, full, meter)
     except Exception as exc:
         raise _failure(name, exc) from exc
 
 
-def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, staging: str,
-            progress: Progress | None, cancel: threading.Event) -> Result:
+def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, meter: ByteMeter) -> Result:
     repo = session.repo
     started = time.time()
-    base = None if full else find_base(repo, vm)
-    notes = [] if base or full else ["no earlier restore point of this VM matches one of its reference points"]
-    notes += _remove_stray_checkpoints(vm)
-    _check(cancel, name)
+    base = ReadInFull("a full backup was asked for", reason=FULL_ASKED) if full else find_base(repo, vm)
+    if isinstance(base, _Base) and method == "export" and not planner.base_is_intact(session, base.point):
+        # The export's differential is laid over the base point's chunks: every one must be there.
+        base = ReadInFull("chunks of the base point are missing from the repository", reason=BASE_CHUNKS_LOST)
+    notes = _remove_stray_checkpoints(vm)
+    _check(meter, name)
     checkpoint = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid(),
                                     name=f"{reference_name(repo)} {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    source = None
     try:
-        base_ref = base.reference_point if base else None
-        if method == "export":
-            source = ExportSource(vm, checkpoint, base_ref, staging, cancelled=cancel.is_set)
-        else:
-            source = VirtDiskSource(vm, checkpoint, base_ref)
         writer = session.writer()
-        incremental = _store_disks(writer, source, checkpoint, base, notes, _Meter(name, progress), cancel)
-        _check(cancel, name)
+        read_in_full, count = _read_disks(writer, method, vm, checkpoint, base, notes, meter, name)
+        _check(meter, name)
         point = refpoints.convert_to_reference_point(vm, checkpoint.instance_id)
     except BaseException as exc:
-        if source is not None:
-            source.abandon()
         checkpoints.destroy(vm, checkpoint.instance_id)
-        if isinstance(exc, (KeyboardInterrupt, Interrupted)) or cancel.is_set():
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)) or meter.cancelled:
             raise Interrupted(name, "interrupted; its recovery checkpoint was removed, nothing was stored") from None
         raise
-    kind = "incremental" if incremental else "full"
-    try:
-        point_id = writer.commit({
-            "vm_name": name, "vm_id": vm.vm_id, "vm_config": checkpoint.config,
-            "reference_point": point.instance_id, "rct_ids": point.resilient_change_tracking_identifiers,
-            "consistency": point.consistency_level, "method": method, "kind": kind, "notes": notes,
-            "started": started,
-        })
-    except HvBackupError:
-        # The checkpoint is a reference point by now; no restore point names it, so the next run still
-        # builds on the old one and removes this one after it succeeds.
-        source.abandon()
-        raise
-    notes += _tidy_after_commit(vm, repo, source, method, staging, point, base)
+    kind = "incremental" if isinstance(base, _Base) and len(read_in_full) < count else "full"
+    # If the commit fails, the checkpoint is a reference point no restore point names: the next run
+    # still builds on the old one and removes this one after it succeeds.
+    point_id = writer.commit({
+        "vm_name": name, "vm_id": vm.vm_id, "vm_config": checkpoint.config,
+        "reference_point": point.instance_id, "rct_ids": point.resilient_change_tracking_identifiers,
+        "consistency": point.consistency_level, "method": method, "kind": kind, "notes": notes,
+        "started": started,
+    })
+    notes += _tidy_after_commit(vm, repo, point, base)
     return Result(point_id, name, kind, method, writer.bytes_read, writer.bytes_stored, time.time() - started,
-                  base.point["point_id"] if incremental else None, point.instance_id, notes)
+                  base.point["point_id"] if kind == "incremental" else None, point.instance_id, notes, read_in_full)
 
 
-def _tidy_after_commit(vm: Vm, repo: Repository, source, method: str, staging: str, point: ReferencePoint,
-                       base: _Base | None) -> list[str]:
-    """What follows a stored point: keep the staged export the next differential needs, drop this
-    repository's older reference points. The point is stored whatever happens here, so a failure
-    is a note, not a failed backup; the next backup tidies again."""
+def _read_disks(writer: Writer, method: str, vm: Vm, checkpoint: Checkpoint, base: _Base | ReadInFull,
+                notes: list[str], meter: ByteMeter, name: str) -> tuple[dict[int, str], int]:
+    """One reader per disk of the checkpoint, each let go of before the checkpoint is converted
+    (the conversion merges the files they read). Returns the disks read in full, and how many disks."""
+    disks = readers.opener(method)(vm, checkpoint, base.reference_point if isinstance(base, _Base) else None,
+                                   meter.cancel)
+    try:
+        read_in_full = _store_disks(writer, disks, checkpoint, base, notes, meter, name)
+    except BaseException:
+        readers.close_all(disks, failed=True)
+        raise
+    readers.close_all(disks, failed=False)
+    return read_in_full, len(disks)
+
+
+def _store_disks(writer: Writer, disks: list[Reader], checkpoint: Checkpoint, base: _Base | ReadInFull,
+                 notes: list[str], meter: ByteMeter, name: str) -> dict[int, str]:
+    """Each disk's changes, or all its data, planned into chunk slots and stored; returns the
+    disks read in full and why (their reason codes)."""
+    chunk = writer.repo.chunk_size
+    read_in_full: dict[int, str] = {}
+    plans: list[DiskPlan] = []
+    for index, (disk, reader) in enumerate(zip(checkpoint.disks, disks)):
+        try:
+            plan = _incremental_plan(reader, disk.instance_id, base, chunk)
+        except ReadInFull as exc:
+            read_in_full[index] = exc.reason
+            if isinstance(base, _Base):  # without a base every disk is read in full for the one reason
+                notes.append(f"disk {index}: read in full ({exc.reason}): {exc}")
+            plan = planner.full(reader, chunk)
+        lost = writer.add_disk(index, reader.geometry.to_dict(), plan.base)
+        if lost:
+            notes.append(f"disk {index}: {len(lost)} chunks of the base point are missing or damaged in the "
+                         f"repository; read again from the disk")
+            planner.add_lost(plan, lost)
+        plans.append(plan)
+        meter.grow(planner.slot_bytes(plan, chunk, reader.geometry.virtual_size))
+    if not isinstance(base, _Base) and base.reason != FULL_ASKED:  # asked for: nothing to note
+        notes.insert(0, f"read in full ({base.reason}): {base}")
+    for index, (reader, plan) in enumerate(zip(disks, plans)):
+        _store_disk(writer, index, reader, plan, meter, name)
+    return read_in_full
+
+
+def _incremental_plan(reader: Reader, disk_id: str, base: _Base | ReadInFull, chunk: int) -> DiskPlan:
+    """The disk's changes since the base, planned over the base point's index; ReadInFull when
+    they cannot be had."""
+    if not isinstance(base, _Base):
+        raise base
+    previous = planner.base_index(base.point, disk_id, reader.geometry)
+    return planner.incremental(reader, reader.changes(base.reference_point), previous, chunk)
+
+
+def _store_disk(writer: Writer, index: int, reader: Reader, plan: DiskPlan, meter: ByteMeter, name: str) -> None:
+    """Build and put the planned chunks in worker threads (reads, hashing and zstd release the GIL),
+    a few ahead; every other slot is the base's, or zeros in a full read. Returns once every chunk
+    put is in place in the repository, so a failure to store one fails the backup before its
+    checkpoint becomes a reference point."""
+    chunk = writer.repo.chunk_size
+
+    def put(slot: int) -> None:
+        _check(meter, name)
+        data = planner.chunk_at(reader, plan, slot, chunk, writer.repo)
+        writer.put(index, slot * chunk, data)
+        meter.add(len(data))
+
+    run_bounded(put, plan.slots, workers=WORKERS, ahead=READ_AHEAD)
+    writer.flush()
+
+
+def _tidy_after_commit(vm: Vm, repo: Repository, point: ReferencePoint, base: _Base | ReadInFull) -> list[str]:
+    """What follows a stored point: drop this repository's older reference points, and what a killed
+    export backup of the VM (or an older version's export staging) left on the host. The point is
+    stored whatever happens here, so a failure is a note, not a failed backup; the next backup
+    tidies again."""
     notes = []
     try:
-        source.finish()
-        if method != "export":
-            # A staged export only serves as the parent of the next differential of its reference point.
-            shutil.rmtree(staging, ignore_errors=True)
-        _remove_staging_of_old_layout(vm)
+        for leftover in (export_directory(vm), os.path.join(vm.host.directory, LEGACY_STAGING)):
+            shutil.rmtree(leftover, ignore_errors=True)
         for older in vm.reference_points():
             if older.instance_id != point.instance_id and _ours(older, repo, base):
                 refpoints.destroy_reference_point(vm, older.instance_id)
@@ -201,41 +256,31 @@ def _tidy_after_commit(vm: Vm, repo: Repository, source, method: str, staging: s
     return notes
 
 
-def _ours(point: ReferencePoint, repo: Repository, base: _Base | None) -> bool:
+def _ours(point: ReferencePoint, repo: Repository, base: _Base | ReadInFull) -> bool:
     """A reference point an earlier backup into this repository left: named for it, or its base."""
-    if base is not None and point.instance_id == base.reference_point.instance_id:
+    if isinstance(base, _Base) and point.instance_id == base.reference_point.instance_id:
         return True
     return (point.element_name or "").startswith(reference_name(repo) + " ")
 
 
-def _remove_staging_of_old_layout(vm: Vm) -> None:
-    """Staged exports from before staging was kept per repository (``<VM ID>/<checkpoint ID>``)."""
-    root = os.path.join(vm.host.directory, STAGING_DIRECTORY, vm.vm_id)
-    for entry in os.listdir(root) if os.path.isdir(root) else ():
-        if not REPOSITORY_ID.fullmatch(entry):
-            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-
-
-def _check(cancel: threading.Event, name: str) -> None:
-    if cancel.is_set():
+def _check(meter: ByteMeter, name: str) -> None:
+    if meter.cancelled:
         raise Interrupted(name, "interrupted; nothing was stored")
 
 
 def backup_vms(session: Session, vms: list[Vm], *, method: str = "virtdisk", full: bool = False,
-               staging: str | None = None, progress: Progress | None = None,
-               cancel: threading.Event | None = None) -> list[Result | BackupError]:
+               progress: Progress | None = None, cancel: threading.Event | None = None) -> list[Result | BackupError]:
     """Back several VMs up at once, one thread each, into one session; a VM that fails does not stop
-    the others. Per VM, in order: its Result, or the BackupError that says why it failed. ``staging``
-    is a root under which each VM's exports go (``<root>/<VM ID>/<repository ID>``).
+    the others. Per VM, in order: its Result, or the BackupError that says why it failed.
 
     Setting ``cancel`` (a signal handler may) stops every backup still running; each cleans up as a
     failure does and is reported as Interrupted. A KeyboardInterrupt in the calling thread sets it."""
     cancel = cancel or threading.Event()
 
     def one(vm: Vm) -> Result:
-        where = os.path.join(staging, vm.vm_id, session.repo.id) if staging else None
-        return backup_vm(session, vm, method=method, full=full, staging=where, progress=progress, cancel=cancel)
+        return backup_vm(session, vm, method=method, full=full, progress=progress, cancel=cancel)
 
+    # Not a bounded map: every VM runs at once, and the caller's thread stays free to catch Ctrl-C.
     pool = ThreadPoolExecutor(max_workers=max(1, len(vms)))
     futures = []
     try:
@@ -267,98 +312,3 @@ def _remove_stray_checkpoints(vm: Vm) -> list[str]:
             checkpoints.destroy(vm, checkpoint.instance_id)
             removed.append(f"removed the stray recovery checkpoint {checkpoint.instance_id}: {why}")
     return removed
-
-
-def _store_disks(writer: Writer, source, checkpoint, base: _Base | None, notes: list[str], meter: _Meter,
-                 cancel: threading.Event) -> bool:
-    """Put every disk's changed chunks; True when at least one disk was read incrementally."""
-    chunk = writer.repo.chunk_size
-    plans: list[tuple[DiskReader, list[int]]] = []
-    incremental = False
-    try:
-        for index, disk in enumerate(checkpoint.disks):
-            reader = source.open_disk(index)
-            plans.append((reader, []))
-            size = reader.geometry["virtual_size"]
-            previous = _base_index(base, disk.instance_id, size) if base else None
-            slots = None
-            if previous is not None:
-                try:
-                    slots = reader.changed_chunks(chunk)
-                except NeedsFull as exc:
-                    notes.append(f"disk {index}: read in full: {exc}")
-            elif base is not None:
-                notes.append(f"disk {index}: read in full: the base restore point has no such disk")
-            if slots is None:
-                slots, previous = reader.data_chunks(chunk), None
-            incremental |= previous is not None
-            lost = writer.add_disk(index, reader.geometry, previous)
-            if lost:
-                notes.append(f"disk {index}: {len(lost)} chunks of the base point are missing or damaged in the "
-                             f"repository; read again from the disk")
-                slots = sorted(set(slots).union(lost))
-            plans[-1] = (reader, slots)
-        meter.total = sum(_bytes(slots, chunk, r.geometry["virtual_size"]) for r, slots in plans)
-        for index, (reader, slots) in enumerate(plans):
-            _store_disk(writer, index, reader, slots, meter, cancel)
-    finally:
-        for reader, _ in plans:
-            reader.close()
-    return incremental
-
-
-def _bytes(slots: list[int], chunk: int, size: int) -> int:
-    return sum(min(chunk, size - slot * chunk) for slot in slots)
-
-
-def _base_index(base: _Base, disk_id: str, size: int) -> ChunkIndex | None:
-    """The base point's chunk index of this disk, if it has the disk at this size."""
-    ids = [d.get("instance_id") for d in base.point.get("vm_config", {}).get("disks", [])]
-    for disk, instance_id in zip(base.point["disks"], ids):
-        if instance_id == disk_id and disk["geometry"]["virtual_size"] == size:
-            return disk["chunks"]
-    return None
-
-
-class _Meter:
-    def __init__(self, vm_name: str, progress: Progress | None):
-        self.vm_name, self.progress = vm_name, progress
-        self.total = self.done = 0
-        self._lock = threading.Lock()
-
-    def add(self, count: int) -> None:
-        if self.progress:
-            with self._lock:
-                self.done += count
-                self.progress(self.vm_name, self.done, self.total)
-
-
-def _store_disk(writer: Writer, index: int, reader: DiskReader, slots: list[int], meter: _Meter,
-                cancel: threading.Event) -> None:
-    """Read the listed chunks in worker threads (reads, hashing and zstd release the GIL), a few
-    ahead; every other slot is the base's, or zeros in a full backup. Returns once every chunk put
-    is in place in the repository, so a failure to store one fails the backup before its
-    checkpoint becomes a reference point."""
-    chunk, size = writer.repo.chunk_size, reader.geometry["virtual_size"]
-
-    def put(slot: int) -> None:
-        _check(cancel, meter.vm_name)
-        offset = slot * chunk
-        length = min(chunk, size - offset)
-        writer.put(index, offset, reader.read(offset, length))
-        meter.add(length)
-
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-        pending: deque = deque()
-        try:
-            for slot in slots:
-                pending.append(pool.submit(put, slot))
-                if len(pending) >= READ_AHEAD:
-                    pending.popleft().result()
-            while pending:
-                pending.popleft().result()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-    writer.flush()

@@ -10,24 +10,24 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
-from hvbackup import disks, stack, tracking
+from hvbackup import disks, durable, stack, tracking
 from hvbackup.backup.repository import Repository
-from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import RepositoryError
 from hvbackup.host import Host
 from hvbackup.host.model import DiskAttachment, VmConfig, check_vm_name, disk_instance_id, new_id
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
+from hvbackup.meter import ByteMeter, Report
+from hvbackup.units import MiB
+from hvbackup.workers import run_bounded
 
 READ_AHEAD = 6
-WRITEBACK = 64 << 20
-Progress = Callable[[int, int], None]
+WORKERS = min(4, os.cpu_count() or 2)
+WRITEBACK = 64 * MiB  # write-back is started every this many bytes, so the final flush has little left
 
 
 def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, format: str | None = None,
-                 progress: Progress | None = None) -> dict:
+                 progress: Report | None = None) -> dict:
     """Write disk ``index`` of the point to ``target`` (a new file), as a dynamic VHDX or VHD, or raw:
     ``format``, or the one the target's suffix names (``disks.format_for_path``)."""
     format = disks.format_for_path(target, format)
@@ -36,27 +36,19 @@ def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, fo
     point = repo.point(point_id)
     if not 0 <= index < len(point["disks"]):
         raise RepositoryError(f"point {point_id} has no disk {index} (it has {len(point['disks'])})")
-    directory, name = os.path.split(os.path.abspath(target))
-    temp = os.path.join(directory, f".{name}.restoring")
-    _remove_leftovers(directory, name)
-    try:
+    _remove_leftovers(os.path.abspath(target))
+    with durable.built_in_place(target, "restoring", replace=False) as temp:
         written = _write_disk(repo, point, index, temp, format, progress)
-        os.rename(temp, target)
-        sync_directory(directory)
-    except BaseException:
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        raise
     return {"point_id": point_id, "disk": index, "path": os.path.abspath(target), "format": format,
             "virtual_size": point["disks"][index]["geometry"]["virtual_size"], "bytes_written": written}
 
 
-def _remove_leftovers(directory: str, name: str) -> None:
-    """What an interrupted restore to ``name`` left: its hidden file, and the disk layer's own
-    temporary file for it (all hidden names that start with ``name.restoring``)."""
-    for entry in os.listdir(directory):
-        if entry.startswith(".") and entry.lstrip(".").startswith(f"{name}.restoring"):
-            os.unlink(os.path.join(directory, entry))
+def _remove_leftovers(target: str) -> None:
+    """What an interrupted restore to ``target`` left: its staged file, and the disk layer's staged
+    file of that one."""
+    directory, name = os.path.split(target)
+    durable.sweep(directory, name)
+    durable.sweep(directory, os.path.basename(durable.hidden(target, "restoring")))
 
 
 def _stored_bytes(disk: dict, chunk: int) -> int:
@@ -67,7 +59,7 @@ def _stored_bytes(disk: dict, chunk: int) -> int:
 
 
 def _write_disk(repo: Repository, point: dict, index: int, path: str, format: str,
-                progress: Progress | None) -> int:
+                progress: Report | None) -> int:
     """Only stored chunks are written: a new disk reads as zeros. Each worker thread fetches,
     checks and writes its own chunks, so the copying into the file runs on every core; a VHDX's or
     VHD's writes take turns (they may allocate blocks), a raw file's need not."""
@@ -79,10 +71,11 @@ def _write_disk(repo: Repository, point: dict, index: int, path: str, format: st
     options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
                "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
     with stack.create(path, size, format=format, **options) as target:
-        meter = _WriteMeter(target, total, progress)
+        meter = ByteMeter(_with_writeback(target, progress), total=total)
         turns = threading.Lock() if format != "raw" else contextlib.nullcontext()
 
-        def restore_chunk(offset: int, name: str) -> None:
+        def restore_chunk(stored_chunk: tuple[int, str]) -> None:
+            offset, name = stored_chunk
             data = repo.read_chunk(name)
             if len(data) != min(chunk, size - offset):
                 raise RepositoryError(f"point {point['point_id']} disk {index}: the chunk at {offset} holds "
@@ -91,38 +84,26 @@ def _write_disk(repo: Repository, point: dict, index: int, path: str, format: st
                 target.write(offset, data)
             meter.add(len(data))
 
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
-            pending = []
-            for offset, name in stored:
-                pending.append(pool.submit(restore_chunk, offset, name))
-                if len(pending) >= READ_AHEAD:
-                    pending.pop(0).result()
-            for future in pending:
-                future.result()
+        run_bounded(restore_chunk, stored, workers=WORKERS, ahead=READ_AHEAD)
     return total
 
 
-class _WriteMeter:
-    """Progress, and write-back started every WRITEBACK bytes so the final flush has little left."""
+def _with_writeback(target, progress: Report | None) -> Report:
+    """A meter's report that also starts write-back each time another WRITEBACK bytes are done."""
+    started = [0]
 
-    def __init__(self, target, total: int, progress: Progress | None):
-        self.target, self.total, self.progress = target, total, progress
-        self.done = self.since_flush = 0
-        self._lock = threading.Lock()
+    def report(done: int, total: int) -> None:
+        if done - started[0] >= WRITEBACK:
+            started[0] = done - done % WRITEBACK
+            target.start_flush()
+        if progress:
+            progress(done, total)
 
-    def add(self, count: int) -> None:
-        with self._lock:
-            self.done += count
-            self.since_flush += count
-            flush, self.since_flush = self.since_flush >= WRITEBACK, self.since_flush % WRITEBACK
-            if self.progress:
-                self.progress(self.done, self.total)
-        if flush:
-            self.target.start_flush()
+    return report
 
 
 def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None = None,
-               progress: Progress | None = None) -> Vm:
+               progress: Report | None = None) -> Vm:
     """Register the point's VM with ``host``, Off, its disks restored as tracked VHDX files. It keeps
     its ID unless the host already has a VM with that ID; ``name`` renames it."""
     point = repo.point(point_id)

@@ -69,12 +69,9 @@ def backup(
     host_dir: Optional[str] = HOST,
     repo_path: Optional[str] = REPO,
     method: Method = typer.Option(Method.virtdisk, "--method",
-                                  help="virtdisk: read the changed ranges directly; export: through an export "
-                                       "to a staging directory."),
+                                  help="virtdisk: read the changed ranges directly; export: the host exports "
+                                       "the changes (a differential) to a temporary directory, read and removed."),
     full: bool = typer.Option(False, "--full", help="Read every disk in full even when changes are known."),
-    staging: Optional[str] = typer.Option(None, "--staging", metavar="DIR",
-                                          help="Where --method export keeps each VM's last export, one per VM and "
-                                               "repository (default: HOST/export-staging, beside the VMs)."),
     json: bool = JSON,
 ) -> None:
     """Back VMs up, concurrently, each as one restore point. Each VM gets its own result; exit 2 if
@@ -98,8 +95,8 @@ def backup(
             outcomes[name] = vm
     with vm_progress([vm.name for vm in targets.values()], enabled=not json) as progress, \
             repo.session() as session, signals_set(threading.Event()) as stop:
-        done = backup_vms(session, list(targets.values()), method=method.value, full=full, staging=staging,
-                          progress=progress, cancel=stop)
+        done = backup_vms(session, list(targets.values()), method=method.value, full=full, progress=progress,
+                          cancel=stop)
     finished = dict(zip(targets, done))
     report = [finished[o.vm_id] if not isinstance(o, Exception) else o for o in outcomes.values()]
     for outcome in report:

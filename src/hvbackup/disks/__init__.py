@@ -17,7 +17,7 @@ from hvbackup.disks.probe import detect_format
 from hvbackup.disks.raw import RawDisk, create_raw
 from hvbackup.disks.vhd import VhdDisk, create_vhd
 from hvbackup.disks.vhdx.create import create_vhdx
-from hvbackup.disks.vhdx.disk import VhdxDisk
+from hvbackup.disks.vhdx.disk import VhdxDisk, VhdxDiskAlone
 from hvbackup.errors import DiskError
 
 TYPES = ("fixed", "dynamic", "differencing")
@@ -60,10 +60,16 @@ def create(
     return open(path)
 
 
-def open(path: str | os.PathLike, *, read_only: bool = False) -> BlockDevice:
-    """Open a disk file of any supported format, with its parents if it is differencing."""
+def open(path: str | os.PathLike, *, read_only: bool = False, without_parent: bool = False) -> BlockDevice:
+    """Open a disk file of any supported format, with its parents if it is differencing.
+    ``without_parent`` (a VHDX, read-only) opens only the file itself: its own sectors (``VhdxDiskAlone``)."""
     path = os.fspath(path)
-    return _OPENERS[detect_format(path)](path, read_only=read_only)
+    format = detect_format(path)
+    if without_parent:
+        if format != "vhdx" or not read_only:
+            raise DiskError(f"{path}: only a VHDX opened read-only can be read without its parent")
+        return VhdxDiskAlone.open(path, read_only=True)
+    return _OPENERS[format](path, read_only=read_only)
 
 
 # The operations on whole disks; imported last because they use create() and open().

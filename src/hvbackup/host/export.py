@@ -15,6 +15,12 @@ the base's exported disk instead, which moves into the destination: one up-to-da
 base's export is consumed. The exported disks are recorded in the checkpoint (``exported``), so the
 reference point it becomes knows the parents of the next differential.
 
+A backup application that keeps no export of the base (hvbackup's own backups: their base is in a
+repository) asks for a *detached* differential: its parent locator names the disk file the
+checkpoint froze, which is not in the destination, and the differential is read alone
+(``disks.open(..., without_parent=True)``): its own sectors are exactly the changed ranges. A disk
+the base does not know is then exported in full instead of failing the export.
+
 Crash safety: each disk is built under a hidden name and renamed into place once flushed; the .vmcx
 comes last, after the checkpoint records the export, so an export whose .vmcx exists is complete and
 recorded. Running an interrupted export again replaces what it left; an interrupted Merge, which
@@ -34,15 +40,15 @@ import errno
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
-from hvbackup import disks, stack
+from hvbackup import disks, durable, stack
 from hvbackup.disks.copy import Progress, copy_data, data_bytes, data_pieces
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
 from hvbackup.disks.fileio import replace_file, sync_directory
 from hvbackup.errors import DiskError, HostError, HvBackupError
 from hvbackup.host import checkpoints
-from hvbackup.host.changes import FAILED, INVALID_PARAMETER, NOT_SUPPORTED, changed_ranges
+from hvbackup.host.changes import changed_ranges
 from hvbackup.host.fileerrors import file_errors, write_failed
 from hvbackup.host.model import (
     BACKUP_INTENT_MERGE,
@@ -53,6 +59,7 @@ from hvbackup.host.model import (
     ExportSettings,
     check_vm_name,
 )
+from hvbackup.host.returns import FAILED, INVALID_PARAMETER, NOT_SUPPORTED
 from hvbackup.host.undo import Created
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
 
@@ -73,9 +80,10 @@ class Base:
 
 def export_system_definition(vm: Vm, directory: str, settings: ExportSettings, *,
                              progress: Progress | None = None,
-                             cancelled: Callable[[], bool] | None = None) -> dict:
+                             cancelled: Callable[[], bool] | None = None, detached: bool = False) -> dict:
     """Export the checkpoint ``settings.snapshot_virtual_system``; returns the files written:
-    ``{"directory", "definition_file", "virtual_hard_disks": [...]}``."""
+    ``{"directory", "definition_file", "virtual_hard_disks": [...]}``. ``detached``: a differential
+    needs no export of its base (see the module's docstring)."""
     _check_settings(settings)
     if not isinstance(directory, str) or not directory:
         raise HostError("ExportDirectory names no directory", INVALID_PARAMETER)
@@ -84,6 +92,8 @@ def export_system_definition(vm: Vm, directory: str, settings: ExportSettings, *
         checkpoint = vm.checkpoint(settings.snapshot_virtual_system)
         base = _base(vm, settings.differential_backup_base, checkpoint) if settings.differential_backup_base else None
         merge = base is not None and settings.backup_intent == BACKUP_INTENT_MERGE
+        if merge and detached:  # a Merge writes into the base's export, which a detached one has not
+            raise HostError("BackupIntent Merge needs the base's export: it cannot be detached", INVALID_PARAMETER)
         root = os.path.join(directory, export_subdirectory(vm)) if settings.create_vm_export_subdirectory else directory
         definition = os.path.join(root, CONFIG_DIRECTORY, f"{vm.vm_id}.vmcx")
         names = [_disk_name(checkpoint, i, differential=base is not None and not merge)
@@ -96,7 +106,8 @@ def export_system_definition(vm: Vm, directory: str, settings: ExportSettings, *
             exported = []
             if settings.copy_vm_storage:
                 created.make_directories(os.path.join(root, DISK_DIRECTORY))
-                exported = _export_disks(vm, checkpoint, base, merge, targets, _Meter(progress, cancelled), created)
+                exported = _export_disks(vm, checkpoint, base, merge, detached, targets,
+                                         _Meter(progress, cancelled), created)
                 _record(vm, checkpoint, exported)
             _write_definition(definition, vm, checkpoint, settings, names)
         except BaseException:
@@ -204,17 +215,19 @@ class _Plan:
     count: int  # bytes to copy
 
 
-def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool, targets: list[str],
-                  meter: _Meter, created: Created) -> list[str]:
+def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool, detached: bool,
+                  targets: list[str], meter: _Meter, created: Created) -> list[str]:
     plans = []
     for disk in checkpoint.disks:
         source = vm.path_of(disk.frozen)
         with stack.open(source, read_only=True) as src:
             size, held, block_size = src.size, data_bytes(src.extents()), src.block_size
-        if base is None:
+        rct_id = base.rct_ids.get(disk.instance_id) if base is not None else None
+        if base is None or (detached and rct_id is None):
             plans.append(_Plan(source, block_size, None, None, held))
             continue
-        rct_id, parent = base.rct_ids.get(disk.instance_id), base.exported.get(disk.instance_id)
+        # Detached: the frozen file is the parent the locator names (its size, sectors and identity).
+        parent = source if detached else base.exported.get(disk.instance_id)
         if rct_id is None:
             raise HostError(f"the base {base.instance_id} does not know disk {disk.instance_id}", INVALID_PARAMETER)
         if parent is None:
@@ -233,7 +246,7 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
         try:
             if plan.ranges is None:
                 # The copy keeps the disk's block size, so it holds data where the disk does.
-                with _built_hidden(target) as temp:
+                with durable.built_in_place(target, "exporting") as temp:
                     disks.convert(plan.source, temp, format="vhdx", block_size=plan.block_size,
                                   progress=meter.piece)
             elif merge:
@@ -248,32 +261,14 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
 
 
 def _remove_leftovers(target: str) -> None:
-    """Temporary files an interrupted export of ``target`` left (this module's and the disk layer's,
-    all hidden names starting with the target's); a Merge's working file is kept to be resumed."""
+    """Staged files an interrupted export of ``target`` left, at every level: this module's, then
+    ``disks.convert``'s staged file of that one, and the disk layer's of each; a Merge's working file
+    is kept to be resumed."""
     directory, name = os.path.split(target)
-    for entry in os.listdir(directory):
-        if entry.startswith(".") and entry.lstrip(".").startswith(f"{name}.") and not entry.endswith(".merging"):
-            os.unlink(os.path.join(directory, entry))
-
-
-def _hidden(target: str, suffix: str) -> str:
-    directory, name = os.path.split(target)
-    return os.path.join(directory, f".{name}.{suffix}")
-
-
-@contextlib.contextmanager
-def _built_hidden(target: str) -> Iterator[str]:
-    """A disk built under a hidden name and renamed over ``target`` once complete (replacing what
-    an interrupted export left there only then); on any exception the hidden file goes."""
-    temp = _hidden(target, "exporting")
-    try:
-        yield temp
-        os.replace(temp, target)
-        sync_directory(os.path.dirname(target))
-    except BaseException:
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        raise
+    durable.sweep(directory, name, keep=(".merging",))
+    staged = durable.hidden(target, "exporting")
+    for inner in (staged, durable.hidden(staged, "converting")):
+        durable.sweep(directory, os.path.basename(inner))
 
 
 def _differential(source: str, ranges: list[Extent], parent: str, target: str, meter: _Meter) -> None:
@@ -281,15 +276,16 @@ def _differential(source: str, ranges: list[Extent], parent: str, target: str, m
     if not os.path.isfile(parent):
         raise HostError(f"the base's exported disk {parent} is missing; a differential needs it as its parent",
                         INVALID_PARAMETER)
-    with _built_hidden(target) as temp, stack.open(source, read_only=True) as src, \
-            stack.create(temp, format="vhdx", type="differencing", parent=parent) as dst:
+    # An export's disk is never tracked: written as the format alone, whatever its parent is.
+    with durable.built_in_place(target, "exporting") as temp, stack.open(source, read_only=True) as src, \
+            disks.create(temp, format="vhdx", type="differencing", parent=parent) as dst:
         _copy_ranges(src, dst, ranges, meter)
 
 
 def _merge_into(source: str, ranges: list[Extent], base_disk: str, target: str, meter: _Meter) -> None:
     """BackupIntent Merge: move the base's full disk to the destination and write the changed ranges
     into it. Moved first, so the base is never left looking whole while holding part of the changes."""
-    working = _hidden(target, "merging")
+    working = durable.hidden(target, "merging")
     if os.path.isfile(base_disk):
         with stack.open(base_disk, read_only=True) as base, stack.open(source, read_only=True) as src:
             if base.parent is not None or base.size != src.size:

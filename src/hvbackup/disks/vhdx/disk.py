@@ -567,3 +567,12 @@ class VhdxDisk(FileDisk):
     def _finish_writes(self) -> None:
         self.flush()
         self._journal.close()
+
+
+class VhdxDiskAlone(VhdxDisk):
+    """A differencing VHDX read without its parent: what the file holds is DATA, the rest is
+    UNALLOCATED (reads as zeros). For a differential whose parent is not at hand (a backup's
+    differential export); read-only, so nothing is ever written on the parent's behalf."""
+
+    def _open_parent(self, chain: tuple[str, ...]) -> None:
+        """The parent stays absent."""
