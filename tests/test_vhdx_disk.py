@@ -120,11 +120,13 @@ def test_differencing_chain_and_parent_rules(tmp_path):
     # A parent changed after the child was made no longer matches its linkage.
     with disks.open(moved / "base.vhdx") as b:
         b.write(0, b"x")
-    with pytest.raises(ParentError, match="changed after the child was created"):
+    with pytest.raises(ParentError) as caught:
         disks.open(moved / "mid.avhdx")
+    assert caught.value.reason == "disk.parent.identity-mismatch"
     os.unlink(moved / "base.vhdx")
-    with pytest.raises(ParentError, match="parent not found"):
+    with pytest.raises(ParentError) as caught:
         disks.open(moved / "mid.avhdx", read_only=True)
+    assert caught.value.reason == "disk.parent.not-found"
 
 
 def test_stale_parent_paths_are_updated_on_a_writable_open(tmp_path):

@@ -104,5 +104,9 @@ class Interrupted(BackupError):
 
 
 class NeedsFull(HvBackupError):
-    """The changes since the base cannot be had for this disk, so it is read in full; the message
-    says why."""
+    """The changes since the base cannot be had for this disk, so it is read in full. ``reason`` is
+    a stable code (docs/backup.md, "Why a disk is read in full"); the message says it for people."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason

@@ -8,7 +8,7 @@ For each VM (only one backup of a VM runs at a time, ``Vm.exclusive``):
 2. CreateSnapshot with SnapshotType 32768: a recovery checkpoint, owned by this process and named
    for the repository (one an interrupted run left behind is removed first).
 3. For each disk of the checkpoint: a reader (``readers``: virtdisk or export) -> the ranges changed
-   since the base, or ReadInFull with its reason (noted) and the ranges holding data -> the planner
+   since the base, or NeedsFull with its reason (noted) and the ranges holding data -> the planner
    (chunk slots; the base point's index copied, changed slots overwritten) -> the writer.
 4. Commit: ConvertToReferencePoint, the manifest committed naming it, then DestroyReferencePoint for
    this repository's older reference points (other repositories keep theirs): a crash between
@@ -29,11 +29,11 @@ from typing import Callable
 
 from hvbackup.backup import planner, readers
 from hvbackup.backup.planner import DiskPlan
-from hvbackup.backup.readers import BASE_CHUNKS_LOST, FULL_ASKED, NO_BASE, REFERENCE_POINT_GONE, Reader, ReadInFull
+from hvbackup.backup.readers import BASE_CHUNKS_LOST, FULL_ASKED, NO_BASE, REFERENCE_POINT_GONE, Reader
 from hvbackup.backup.readers.export import export_directory
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.writer import Session, Writer
-from hvbackup.errors import BackupError, HvBackupError, Interrupted, RepositoryError
+from hvbackup.errors import BackupError, HvBackupError, Interrupted, NeedsFull, RepositoryError
 from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
 from hvbackup.host.model import Checkpoint, ReferencePoint
 from hvbackup.host.vm import Vm
@@ -62,7 +62,7 @@ class Result:
     base_point: str | None
     reference_point: str
     notes: list[str] = field(default_factory=list)
-    read_in_full: dict[int, str] = field(default_factory=dict)  # disk index -> ReadInFull reason code
+    read_in_full: dict[int, str] = field(default_factory=dict)  # disk index -> NeedsFull reason code
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,7 +80,7 @@ def reference_name(repo: Repository) -> str:
     return f"hvbackup repository {repo.id}"
 
 
-def find_base(repo: Repository, vm: Vm) -> _Base | ReadInFull:
+def find_base(repo: Repository, vm: Vm) -> _Base | NeedsFull:
     """The VM's newest restore point whose RCT IDs a reference point of the VM still has, or why
     there is none. Manifests are read newest first, and only until it is found; a damaged one is
     passed over."""
@@ -98,9 +98,9 @@ def find_base(repo: Repository, vm: Vm) -> _Base | ReadInFull:
             return _Base(point, by_rct[tuple(point["rct_ids"])])
         earlier = True
     if earlier:
-        return ReadInFull("no reference point of the VM matches one of its restore points in this repository",
+        return NeedsFull("no reference point of the VM matches one of its restore points in this repository",
                           reason=REFERENCE_POINT_GONE)
-    return ReadInFull("no earlier restore point of this VM in this repository", reason=NO_BASE)
+    return NeedsFull("no earlier restore point of this VM in this repository", reason=NO_BASE)
 
 
 def _describe(exc: BaseException) -> str:
@@ -137,10 +137,10 @@ def backup_vm(session: Session, vm: Vm, *, method: str = "virtdisk", full: bool 
 def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, meter: ByteMeter) -> Result:
     repo = session.repo
     started = time.time()
-    base = ReadInFull("a full backup was asked for", reason=FULL_ASKED) if full else find_base(repo, vm)
+    base = NeedsFull("a full backup was asked for", reason=FULL_ASKED) if full else find_base(repo, vm)
     if isinstance(base, _Base) and method == "export" and not planner.base_is_intact(session, base.point):
         # The export's differential is laid over the base point's chunks: every one must be there.
-        base = ReadInFull("chunks of the base point are missing from the repository", reason=BASE_CHUNKS_LOST)
+        base = NeedsFull("chunks of the base point are missing from the repository", reason=BASE_CHUNKS_LOST)
     notes = _remove_stray_checkpoints(vm)
     _check(meter, name)
     checkpoint = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid(),
@@ -169,7 +169,7 @@ def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, meter:
                   base.point["point_id"] if kind == "incremental" else None, point.instance_id, notes, read_in_full)
 
 
-def _read_disks(writer: Writer, method: str, vm: Vm, checkpoint: Checkpoint, base: _Base | ReadInFull,
+def _read_disks(writer: Writer, method: str, vm: Vm, checkpoint: Checkpoint, base: _Base | NeedsFull,
                 notes: list[str], meter: ByteMeter, name: str) -> tuple[dict[int, str], int]:
     """One reader per disk of the checkpoint, each let go of before the checkpoint is converted
     (the conversion merges the files they read). Returns the disks read in full, and how many disks."""
@@ -184,7 +184,7 @@ def _read_disks(writer: Writer, method: str, vm: Vm, checkpoint: Checkpoint, bas
     return read_in_full, len(disks)
 
 
-def _store_disks(writer: Writer, disks: list[Reader], checkpoint: Checkpoint, base: _Base | ReadInFull,
+def _store_disks(writer: Writer, disks: list[Reader], checkpoint: Checkpoint, base: _Base | NeedsFull,
                  notes: list[str], meter: ByteMeter, name: str) -> dict[int, str]:
     """Each disk's changes, or all its data, planned into chunk slots and stored; returns the
     disks read in full and why (their reason codes)."""
@@ -194,7 +194,7 @@ def _store_disks(writer: Writer, disks: list[Reader], checkpoint: Checkpoint, ba
     for index, (disk, reader) in enumerate(zip(checkpoint.disks, disks)):
         try:
             plan = _incremental_plan(reader, disk.instance_id, base, chunk)
-        except ReadInFull as exc:
+        except NeedsFull as exc:
             read_in_full[index] = exc.reason
             if isinstance(base, _Base):  # without a base every disk is read in full for the one reason
                 notes.append(f"disk {index}: read in full ({exc.reason}): {exc}")
@@ -213,8 +213,8 @@ def _store_disks(writer: Writer, disks: list[Reader], checkpoint: Checkpoint, ba
     return read_in_full
 
 
-def _incremental_plan(reader: Reader, disk_id: str, base: _Base | ReadInFull, chunk: int) -> DiskPlan:
-    """The disk's changes since the base, planned over the base point's index; ReadInFull when
+def _incremental_plan(reader: Reader, disk_id: str, base: _Base | NeedsFull, chunk: int) -> DiskPlan:
+    """The disk's changes since the base, planned over the base point's index; NeedsFull when
     they cannot be had."""
     if not isinstance(base, _Base):
         raise base
@@ -239,7 +239,7 @@ def _store_disk(writer: Writer, index: int, reader: Reader, plan: DiskPlan, mete
     writer.flush()
 
 
-def _tidy_after_commit(vm: Vm, repo: Repository, point: ReferencePoint, base: _Base | ReadInFull) -> list[str]:
+def _tidy_after_commit(vm: Vm, repo: Repository, point: ReferencePoint, base: _Base | NeedsFull) -> list[str]:
     """What follows a stored point: drop this repository's older reference points, and what a killed
     export backup of the VM (or an older version's export staging) left on the host. The point is
     stored whatever happens here, so a failure is a note, not a failed backup; the next backup
@@ -256,7 +256,7 @@ def _tidy_after_commit(vm: Vm, repo: Repository, point: ReferencePoint, base: _B
     return notes
 
 
-def _ours(point: ReferencePoint, repo: Repository, base: _Base | ReadInFull) -> bool:
+def _ours(point: ReferencePoint, repo: Repository, base: _Base | NeedsFull) -> bool:
     """A reference point an earlier backup into this repository left: named for it, or its base."""
     if isinstance(base, _Base) and point.instance_id == base.reference_point.instance_id:
         return True

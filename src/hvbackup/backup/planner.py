@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from hvbackup.backup.index import ChunkIndex
-from hvbackup.backup.readers import NEW_DISK, RESIZED, Geometry, Range, Reader, ReadInFull
+from hvbackup.backup.readers import NEW_DISK, RESIZED, Geometry, Range, Reader
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.writer import Session
-from hvbackup.errors import RepositoryError
+from hvbackup.errors import NeedsFull, RepositoryError
 
 
 @dataclass
@@ -41,16 +41,16 @@ def incremental(reader: Reader, changes: list[Range], base: ChunkIndex, chunk: i
 
 
 def base_index(point: dict, disk_id: str, geometry: Geometry) -> ChunkIndex:
-    """The base point's chunk index of this disk; ReadInFull if the point lacks it or its size differs."""
+    """The base point's chunk index of this disk; NeedsFull if the point lacks it or its size differs."""
     ids = [d.get("instance_id") for d in point.get("vm_config", {}).get("disks", [])]
     for disk, instance_id in zip(point["disks"], ids):
         if instance_id != disk_id:
             continue
         if disk["geometry"]["virtual_size"] != geometry.virtual_size:
-            raise ReadInFull(f"its size changed from {disk['geometry']['virtual_size']} to {geometry.virtual_size} "
+            raise NeedsFull(f"its size changed from {disk['geometry']['virtual_size']} to {geometry.virtual_size} "
                              "bytes since the base point", reason=RESIZED)
         return disk["chunks"]
-    raise ReadInFull("the base restore point has no such disk", reason=NEW_DISK)
+    raise NeedsFull("the base restore point has no such disk", reason=NEW_DISK)
 
 
 def base_is_intact(session: Session, point: dict) -> bool:

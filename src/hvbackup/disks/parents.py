@@ -73,13 +73,15 @@ def open_parent(
     ``chain`` holds the real paths of the disks above; a candidate already in it is a loop.
     """
     if len(chain) > MAX_CHAIN_DEPTH:
-        raise ParentError(f"{child_path}: the differencing chain is deeper than {MAX_CHAIN_DEPTH}")
+        raise ParentError(f"{child_path}: the differencing chain is deeper than {MAX_CHAIN_DEPTH}",
+                          reason="disk.parent.chain-too-deep")
     mismatched = unusable = None
     for candidate in tried:
         if not os.path.isfile(candidate):
             continue
         if os.path.realpath(candidate) in chain:
-            raise ParentError(f"{child_path}: the differencing chain loops back to {candidate}")
+            raise ParentError(f"{child_path}: the differencing chain loops back to {candidate}",
+                              reason="disk.parent.loop")
         try:
             parent = open_read_only(candidate, chain)
         except ParentError:
@@ -92,10 +94,12 @@ def open_parent(
         mismatched = (candidate, identity(parent))
         parent.close()
     if unusable and not mismatched:
-        raise ParentError(unusable)
+        raise ParentError(unusable, reason="disk.parent.unusable")
     if mismatched:
         raise ParentError(
             f"{child_path}: parent {mismatched[0]} has {what} {mismatched[1]}, but the child was made from "
-            f"{wanted[0]}: the parent changed after the child was created, or it is another disk"
+            f"{wanted[0]}: the parent changed after the child was created, or it is another disk",
+            reason="disk.parent.identity-mismatch",
         )
-    raise ParentError(f"{child_path}: parent not found (tried {', '.join(tried) or 'no usable path'})")
+    raise ParentError(f"{child_path}: parent not found (tried {', '.join(tried) or 'no usable path'})",
+                      reason="disk.parent.not-found")

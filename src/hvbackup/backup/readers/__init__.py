@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from hvbackup.disks.device import BlockDevice, Extent, ExtentState
-from hvbackup.errors import NeedsFull
 from hvbackup.host.model import Checkpoint, ReferencePoint
 from hvbackup.host.vm import Vm
 
@@ -25,7 +24,7 @@ Range = tuple[int, int]  # (offset, length) in bytes
 # Every module of this package is a method; virtdisk, the default, first.
 METHODS = tuple(sorted((m.name for m in pkgutil.iter_modules(__path__)), key=lambda name: name != "virtdisk"))
 
-# Why a disk is read in full (``ReadInFull.reason``): stable codes, the message says it for people.
+# Why a disk is read in full (``NeedsFull.reason``): stable codes, the message says it for people.
 NO_BASE = "no-base"                          # no earlier point of the VM in this repository
 FULL_ASKED = "full-asked"                    # the caller asked for a full backup
 REFERENCE_POINT_GONE = "reference-point-gone"  # earlier points exist, but no reference point matches one
@@ -34,14 +33,6 @@ RESIZED = "resized"                          # the disk's size differs from the 
 TRACKING_LOST = "tracking-lost"              # change tracking off, reset or unable to answer
 CHANGED_OFFLINE = "changed-offline"          # the disk was written without tracking (ERROR_CTLOG_VHD_CHANGED_OFFLINE)
 BASE_CHUNKS_LOST = "base-chunks-lost"        # a differential export cannot patch chunks the repository lost
-
-
-class ReadInFull(NeedsFull):
-    """NeedsFull with its ``reason`` code (one of the constants above)."""
-
-    def __init__(self, message: str, *, reason: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -74,7 +65,7 @@ class Reader(Protocol):
     whole: bool
 
     def changes(self, base: ReferencePoint | None) -> list[Range]:
-        """The ranges written since ``base``, sorted and merged; ReadInFull when they cannot be had."""
+        """The ranges written since ``base``, sorted and merged; NeedsFull when they cannot be had."""
 
     def allocated(self) -> list[Range]:
         """The ranges holding data, sorted and merged: what a full read reads (the rest is zeros)."""

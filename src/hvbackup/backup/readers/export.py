@@ -17,9 +17,9 @@ import threading
 
 from hvbackup import disks, durable
 from hvbackup.backup import readers
-from hvbackup.backup.readers import Geometry, Range, ReadInFull, close_all, data_ranges
+from hvbackup.backup.readers import Geometry, Range, close_all, data_ranges
 from hvbackup.disks.device import BlockDevice
-from hvbackup.errors import HostError
+from hvbackup.errors import HostError, NeedsFull
 from hvbackup.host.export import export_system_definition
 from hvbackup.host.model import Checkpoint, ExportSettings, ReferencePoint
 from hvbackup.host.returns import INVALID_PARAMETER, INVALID_STATE
@@ -51,7 +51,7 @@ def open_readers(vm: Vm, checkpoint: Checkpoint, base: ReferencePoint | None,
 
 
 def _export(vm: Vm, checkpoint: Checkpoint, base: ReferencePoint | None, directory: str,
-            cancel: threading.Event) -> tuple[list[str], ReadInFull | None]:
+            cancel: threading.Event) -> tuple[list[str], NeedsFull | None]:
     """The exported disk files, and why they are full copies although there is a base, if they are."""
     settings = ExportSettings(snapshot_virtual_system=checkpoint.instance_id,
                               differential_backup_base=base.instance_id if base else None,
@@ -64,13 +64,13 @@ def _export(vm: Vm, checkpoint: Checkpoint, base: ReferencePoint | None, directo
             raise
         # Change tracking cannot say what changed (off, lost, changed offline: 32775), or does not know
         # the base's RCT ID (a disk replaced: 32773): export in full. Any other fault recurs there.
-        full = ReadInFull(f"the host could not export the changes: {exc}", reason=readers.TRACKING_LOST)
+        full = NeedsFull(f"the host could not export the changes: {exc}", reason=readers.TRACKING_LOST)
     files, _ = _export(vm, checkpoint, None, directory, cancel)
     return files, full
 
 
 class ExportReader:
-    def __init__(self, device: BlockDevice, full: ReadInFull | None):
+    def __init__(self, device: BlockDevice, full: NeedsFull | None):
         self.device = device
         self.geometry = Geometry.of(device)
         self.whole = device.disk_type != "differencing"
@@ -78,9 +78,9 @@ class ExportReader:
 
     def changes(self, base: ReferencePoint | None) -> list[Range]:
         if base is None:
-            raise ReadInFull("there is no base to read changes since", reason=readers.NO_BASE)
+            raise NeedsFull("there is no base to read changes since", reason=readers.NO_BASE)
         if self.whole:
-            raise self.full or ReadInFull("the base reference point does not know this disk: the host exported it "
+            raise self.full or NeedsFull("the base reference point does not know this disk: the host exported it "
                                           "in full", reason=readers.NEW_DISK)
         return data_ranges(self.device.extents())  # no parent: what the file holds is what changed
 

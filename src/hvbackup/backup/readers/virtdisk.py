@@ -14,12 +14,11 @@ from hvbackup.backup.readers import (
     TRACKING_LOST,
     Geometry,
     Range,
-    ReadInFull,
     close_all,
     data_ranges,
     merged,
 )
-from hvbackup.errors import VirtDiskError
+from hvbackup.errors import NeedsFull, VirtDiskError
 from hvbackup.host.model import Checkpoint, ReferencePoint
 from hvbackup.host.vm import Vm
 from hvbackup.winerror import ERROR_CTLOG_VHD_CHANGED_OFFLINE
@@ -48,17 +47,17 @@ class VirtDiskReader:
     def changes(self, base: ReferencePoint | None) -> list[Range]:
         """QueryChangesVirtualDisk over the whole disk, continuing at ProcessedLength."""
         if base is None:
-            raise ReadInFull("there is no base to read changes since", reason=NO_BASE)
+            raise NeedsFull("there is no base to read changes since", reason=NO_BASE)
         rct_id = dict(zip(base.virtual_disk_identifiers, base.resilient_change_tracking_identifiers)).get(self.disk_id)
         if rct_id is None:
-            raise ReadInFull(f"the base reference point has no disk {self.disk_id}", reason=NEW_DISK)
+            raise NeedsFull(f"the base reference point has no disk {self.disk_id}", reason=NEW_DISK)
         ranges: list[Range] = []
         offset, size = 0, self.geometry.virtual_size
         try:
             while offset < size:
                 found, processed = virtdisk.query_changes_virtual_disk(self.handle, rct_id, offset, size - offset)
                 if processed <= 0:
-                    raise ReadInFull(f"{self.handle.path}: the change query made no progress at {offset}",
+                    raise NeedsFull(f"{self.handle.path}: the change query made no progress at {offset}",
                                      reason=TRACKING_LOST)
                 ranges.extend(found)
                 offset += processed
@@ -66,7 +65,7 @@ class VirtDiskReader:
             if exc.code not in virtdisk.CHANGE_TRACKING_RESET_ERRORS:
                 raise
             reason = CHANGED_OFFLINE if exc.code == ERROR_CTLOG_VHD_CHANGED_OFFLINE else TRACKING_LOST
-            raise ReadInFull(str(exc), reason=reason) from None
+            raise NeedsFull(str(exc), reason=reason) from None
         return merged(ranges)
 
     def allocated(self) -> list[Range]:

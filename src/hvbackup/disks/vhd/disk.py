@@ -76,7 +76,8 @@ class VhdDisk(FileDisk):
             if data_end < self.size:
                 raise DiskFormatError(
                     f"file is truncated: a fixed disk of {self.size} bytes needs {self.size + trailing} "
-                    f"bytes, the file has {file_size}"
+                    f"bytes, the file has {file_size}",
+                    reason="disk.file.truncated",
                 )
             return
         self._load_dynamic(file_size, data_end, trailing)

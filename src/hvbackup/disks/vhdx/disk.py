@@ -64,20 +64,24 @@ class VhdxDisk(FileDisk):
         file_size = os.fstat(fd).st_size
         if file_size < HEADER_SECTION:
             identifier.FileTypeIdentifier.unpack(os.pread(fd, 8, 0))
-            raise DiskFormatError("file is truncated: shorter than the 1 MiB VHDX header section")
+            raise DiskFormatError("file is truncated: shorter than the 1 MiB VHDX header section",
+                                  reason="disk.file.truncated")
         head = read_exact(fd, 520, 0, "file type identifier")
         if head[:8] != identifier.SIGNATURE and header_slots_valid(fd):
             raise DiskFormatError("the file type identifier at offset 0 is damaged (a valid header behind it "
-                                  "shows a VHDX file; a repair restores the identifier)")
+                                  "shows a VHDX file; a repair restores the identifier)",
+                                  reason="vhdx.identifier.damaged")
         self.creator = identifier.FileTypeIdentifier.unpack(head).creator
         self.headers = HeaderSet.read(fd)
         header = self.headers.current
         if header.log_offset + header.log_length > file_size:
-            raise DiskFormatError("file is truncated: the VHDX log lies past the end of the file")
+            raise DiskFormatError("file is truncated: the VHDX log lies past the end of the file",
+                                  reason="vhdx.log.beyond-file")
         if not read_only and (header.log_version != 0 or not header.log_length):
             # Writes go through the log: without one of a version we write, only reading is safe.
             log = f"log version {header.log_version}" if header.log_length else "no log"
-            raise DiskFormatError(f"the file has {log}; it can be opened read-only only")
+            raise DiskFormatError(f"the file has {log}; it can be opened read-only only",
+                                  reason="vhdx.log.not-writable")
         self.log_pending = header.log_pending
         self._overlay = Overlay()
         if self.log_pending:
@@ -117,7 +121,7 @@ class VhdxDisk(FileDisk):
         return bytes(buffer)
 
     def _read_region_table(self) -> region.RegionTable:
-        problems = []
+        problems, reasons = [], []
         self.region_table_problems: list[str] = []
         table = None
         for i, offset in enumerate(region.OFFSETS):
@@ -125,18 +129,21 @@ class VhdxDisk(FileDisk):
                 candidate = region.RegionTable.unpack(self._read_meta(offset, region.SIZE))
             except DiskFormatError as exc:
                 problems.append(f"region table {i + 1}: {exc}")
+                reasons.append(exc.reason)
                 continue
             table = table or candidate
-        if table is None:
-            raise DiskFormatError("; ".join(problems))
+        if table is None:  # both damaged: the first table's reason stands for the pair
+            raise DiskFormatError("; ".join(problems), reason=reasons[0])
         self.region_table_problems = problems
         unknown = table.unknown_required()
         if unknown:
-            raise DiskFormatError(f"the file needs region {unknown[0].guid}, which this engine does not know")
+            raise DiskFormatError(f"the file needs region {unknown[0].guid}, which this engine does not know",
+                                  reason="vhdx.region.unknown-required")
         for entry in table.entries:
             if entry.end > self.file_size:
                 name = region.KNOWN_REGIONS.get(entry.guid, str(entry.guid))
-                raise DiskFormatError(f"file is truncated: the {name} region lies past the end of the file")
+                raise DiskFormatError(f"file is truncated: the {name} region lies past the end of the file",
+                                      reason="vhdx.region.beyond-file")
         return table
 
     def _load_metadata(self) -> None:
@@ -158,7 +165,8 @@ class VhdxDisk(FileDisk):
         bat_region = self.regions.find(region.BAT_GUID)
         if bat_region.length < self.geometry.entry_count * batmod.ENTRY_SIZE:
             raise DiskFormatError(
-                f"the BAT region holds {bat_region.length // 8} entries; this disk needs {self.geometry.entry_count}"
+                f"the BAT region holds {bat_region.length // 8} entries; this disk needs {self.geometry.entry_count}",
+                reason="vhdx.bat.region-too-small",
             )
         self.bat = Bat(self.geometry, bat_region.file_offset)
         # Only what the file stores (or the log patches) can differ from zeros: holes are NOT_PRESENT
@@ -185,7 +193,8 @@ class VhdxDisk(FileDisk):
             if beyond.size:
                 raise DiskFormatError(
                     f"a BAT entry points outside the file: block at {int(starts[beyond[0]]):#x}, "
-                    f"file size {self.file_size:#x}"
+                    f"file size {self.file_size:#x}",
+                    reason="vhdx.bat.entry-beyond-file",
                 )
         all_starts = np.concatenate((starts, np.array([f[0] for f in fixed], dtype=np.int64)))
         all_lengths = np.concatenate((lengths, np.array([f[1] for f in fixed], dtype=np.int64)))
@@ -193,7 +202,8 @@ class VhdxDisk(FileDisk):
         s, e = all_starts[order], all_starts[order] + all_lengths[order]
         clash = np.flatnonzero(e[:-1] > s[1:])
         if clash.size:
-            raise DiskFormatError(f"structures overlap in the file at offset {int(s[clash[0] + 1]):#x}")
+            raise DiskFormatError(f"structures overlap in the file at offset {int(s[clash[0] + 1]):#x}",
+                                  reason="vhdx.layout.overlap")
 
     def _open_parent(self, chain: tuple[str, ...]) -> None:
         locator = self.metadata.parent_locator
@@ -203,7 +213,8 @@ class VhdxDisk(FileDisk):
             lambda parent: parent.data_write_guid, locator.linkages, "DataWriteGuid",
         )
         if self.parent.logical_sector_size != self.logical_sector_size:
-            raise ParentError(f"{self.path}: parent {self.parent_found_at} has a different logical sector size")
+            raise ParentError(f"{self.path}: parent {self.parent_found_at} has a different logical sector size",
+                              reason="disk.parent.sector-size")
 
     def _refresh_stale_parent_paths(self) -> None:
         """2.6.2.6.3: after a chain opens, point stale path entries at the parent actually used."""
