@@ -122,7 +122,6 @@ ROLES = {
     ("host init", "directory"): "new-dir",
     ("repo init", "path"): "new-dir",
     ("quickstart", "directory"): "new-dir",
-    ("backup", "staging"): "new-dir",
     ("checkpoint create", "name"): "text",  # checkpoint names are free text
 }
 
@@ -327,8 +326,6 @@ def command_line(world: World, command: tuple[str, ...], tested: str, bad: str) 
             extra += ["--disk", "0"]
         if tested != "to":
             extra += ["--to", world.fresh("restored") + ".img"]
-    if name == "backup" and tested == "staging":
-        extra += ["--method", "export"]
     if name == "forget":
         extra += ["--dry-run"] + ([] if tested == "point_ids" or tested.startswith("keep_") else ["--keep-last", "5"])
     if name == "checkpoint list" and tested == "older_than":

@@ -34,8 +34,9 @@ from hvbackup.backup.readers.export import export_directory
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.writer import Session, Writer
 from hvbackup.errors import BackupError, HvBackupError, Interrupted, NeedsFull, RepositoryError
-from hvbackup.host import SNAPSHOT_TYPE_RECOVERY, checkpoints, recovery, refpoints
+from hvbackup.host import SNAPSHOT_TYPE_RECOVERY
 from hvbackup.host.model import Checkpoint, ReferencePoint
+from hvbackup.host.services import VirtualSystemReferencePointService, VirtualSystemSnapshotService, outcome
 from hvbackup.host.vm import Vm
 from hvbackup.meter import ByteMeter
 from hvbackup.workers import run_bounded
@@ -84,7 +85,7 @@ def find_base(repo: Repository, vm: Vm) -> _Base | NeedsFull:
     """The VM's newest restore point whose RCT IDs a reference point of the VM still has, or why
     there is none. Manifests are read newest first, and only until it is found; a damaged one is
     passed over."""
-    by_rct = {tuple(r.resilient_change_tracking_identifiers): r for r in vm.reference_points()
+    by_rct = {tuple(r.resilient_change_tracking_identifiers): r for r in _reference_points(vm)
               if r.resilient_change_tracking_identifiers}
     earlier = False
     for point_id in reversed(repo.point_ids()):
@@ -101,6 +102,10 @@ def find_base(repo: Repository, vm: Vm) -> _Base | NeedsFull:
         return NeedsFull("no reference point of the VM matches one of its restore points in this repository",
                           reason=REFERENCE_POINT_GONE)
     return NeedsFull("no earlier restore point of this VM in this repository", reason=NO_BASE)
+
+
+def _reference_points(vm: Vm) -> list[ReferencePoint]:
+    return outcome(VirtualSystemReferencePointService(vm.host).get_reference_points(vm))
 
 
 def _describe(exc: BaseException) -> str:
@@ -143,15 +148,17 @@ def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, meter:
         base = NeedsFull("chunks of the base point are missing from the repository", reason=BASE_CHUNKS_LOST)
     notes = _remove_stray_checkpoints(vm)
     _check(meter, name)
-    checkpoint = checkpoints.create(vm, snapshot_type=SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid(),
-                                    name=f"{reference_name(repo)} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    snapshots = VirtualSystemSnapshotService(vm.host)
+    checkpoint = outcome(snapshots.create_snapshot(
+        vm, {"element_name": f"{reference_name(repo)} {time.strftime('%Y-%m-%d %H:%M:%S')}"},
+        SNAPSHOT_TYPE_RECOVERY, owner_pid=os.getpid()))
     try:
         writer = session.writer()
         read_in_full, count = _read_disks(writer, method, vm, checkpoint, base, notes, meter, name)
         _check(meter, name)
-        point = refpoints.convert_to_reference_point(vm, checkpoint.instance_id)
+        point = outcome(snapshots.convert_to_reference_point(vm, checkpoint.instance_id))
     except BaseException as exc:
-        checkpoints.destroy(vm, checkpoint.instance_id)
+        outcome(snapshots.destroy_snapshot(vm, checkpoint.instance_id))
         if isinstance(exc, (KeyboardInterrupt, Interrupted)) or meter.cancelled:
             raise Interrupted(name, "interrupted; its recovery checkpoint was removed, nothing was stored") from None
         raise
@@ -248,9 +255,10 @@ def _tidy_after_commit(vm: Vm, repo: Repository, point: ReferencePoint, base: _B
     try:
         for leftover in (export_directory(vm), os.path.join(vm.host.directory, LEGACY_STAGING)):
             shutil.rmtree(leftover, ignore_errors=True)
-        for older in vm.reference_points():
+        service = VirtualSystemReferencePointService(vm.host)
+        for older in _reference_points(vm):
             if older.instance_id != point.instance_id and _ours(older, repo, base):
-                refpoints.destroy_reference_point(vm, older.instance_id)
+                outcome(service.destroy_reference_point(vm, older.instance_id))
     except (HvBackupError, OSError) as exc:
         notes.append(f"stored, but tidying up afterwards failed (the next backup tries again): {_describe(exc)}")
     return notes
@@ -307,8 +315,9 @@ def _remove_stray_checkpoints(vm: Vm) -> list[str]:
     """Recovery checkpoints an interrupted backup left on this VM (its process is gone) are removed
     before a new one is taken, so they never pile up."""
     removed = []
-    for owner, checkpoint, why in recovery.find_orphans(vm.host).checkpoints:
+    snapshots = VirtualSystemSnapshotService(vm.host)
+    for owner, checkpoint, why in outcome(snapshots.find_orphans()).checkpoints:
         if owner.vm_id == vm.vm_id:
-            checkpoints.destroy(vm, checkpoint.instance_id)
+            outcome(snapshots.destroy_snapshot(vm, checkpoint.instance_id))
             removed.append(f"removed the stray recovery checkpoint {checkpoint.instance_id}: {why}")
     return removed

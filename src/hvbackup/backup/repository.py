@@ -121,7 +121,7 @@ class Repository:
         _, _, payload = envelope.unframe(data, CONFIG_MAGIC, MAX_CONFIG, "config")
         try:
             config = json.loads(bytes(payload))
-            # The ID names directories (export staging) and reference points: exactly 32 hex digits.
+            # The ID names reference points: exactly 32 hex digits.
             ok = (isinstance(config, dict) and config.get("format") == envelope.VERSION
                   and isinstance(config.get("id"), str) and REPOSITORY_ID.fullmatch(config["id"]) is not None
                   and isinstance(config.get("chunk_size"), int)

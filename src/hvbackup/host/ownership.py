@@ -5,9 +5,9 @@ host's files to the host.
 A file belongs to a host when its real path (symlinks and relative paths resolved) lies in a
 directory holding ``host.json``. The host's metadata (``host.json``, ``host.lock``) and everything
 under its ``vms/`` directory are the host's; a disk file a VM's document records, or one of its
-change tracking side files, is that VM's. Other files in a host directory (the backup engine's
-export staging, say) belong to nobody, but ``changing`` holds the host's lock while they change, so
-no host operation (an export reading its base) runs meanwhile.
+change tracking side files, is that VM's. Other files in a host directory (a backup's temporary
+export, say) belong to nobody, but ``changing`` holds the host's lock while they change, so no host
+operation runs meanwhile.
 
 Finding the host walks up from the file to the file system root, one stat per level: cheap for a
 file in no host. Hard links are not followed: a second name outside the host directory is a file

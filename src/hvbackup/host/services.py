@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -77,16 +78,20 @@ def vendor_value(exc: HvBackupError) -> int:
     return exc.return_value if isinstance(exc, HostError) else FAILED
 
 
-def outcome(answer: tuple[int, Any]) -> Any:
+def outcome(answer: tuple[int, Any], cancel: threading.Event | None = None) -> Any:
     """The result of a service call, after waiting for its job if it started one; a failure is raised:
-    the HvBackupError that caused it, or a HostError carrying the job's error code."""
+    the HvBackupError that caused it, or a HostError carrying the job's error code. Setting ``cancel``
+    asks a cancellable job to stop (RequestStateChange Terminate) and waits for it to clean up."""
     return_value, value = answer
     if return_value == COMPLETED:
         return value
     if not isinstance(value, ConcreteJob):
         raise value.exception
     job = value
-    job.wait()
+    while not job.wait(0.1 if cancel is not None else None):
+        if cancel.is_set():
+            job.cancel()
+            cancel = None
     if job.succeeded:
         return job.result
     if isinstance(job.exception, HvBackupError):

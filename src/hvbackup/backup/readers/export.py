@@ -20,9 +20,9 @@ from hvbackup.backup import readers
 from hvbackup.backup.readers import Geometry, Range, close_all, data_ranges
 from hvbackup.disks.device import BlockDevice
 from hvbackup.errors import HostError, NeedsFull
-from hvbackup.host.export import export_system_definition
 from hvbackup.host.model import Checkpoint, ExportSettings, ReferencePoint
 from hvbackup.host.returns import INVALID_PARAMETER, INVALID_STATE
+from hvbackup.host.services import VirtualSystemManagementService, outcome
 from hvbackup.host.vm import Vm
 
 
@@ -57,7 +57,8 @@ def _export(vm: Vm, checkpoint: Checkpoint, base: ReferencePoint | None, directo
                               differential_backup_base=base.instance_id if base else None,
                               create_vm_export_subdirectory=False)
     try:
-        answer = export_system_definition(vm, directory, settings, cancelled=cancel.is_set, detached=True)
+        service = VirtualSystemManagementService(vm.host)
+        answer = outcome(service.export_system_definition(vm, directory, settings, detached=True), cancel)
         return answer["virtual_hard_disks"], None
     except HostError as exc:
         if base is None or exc.return_value not in (INVALID_STATE, INVALID_PARAMETER):
