@@ -8,8 +8,10 @@ libvhdi-python, which ``.ci/run`` installs: a missing tool is a failure, not a s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -79,8 +81,19 @@ def hv_json(hv):
 
 
 @pytest.fixture
-def host(tmp_path):
-    """A fresh virtualization host in a temporary directory."""
-    from hvbackup.host import Host
+def small_fs(tmp_path):
+    """``small_fs(bytes)``: a tmpfs of that size mounted for the test, to run out of space in
+    (needs root; skipped otherwise), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
 
-    return Host.init(str(tmp_path / "host"))
+    def mount(size: int) -> Path:
+        point = tmp_path / f"small{len(mounted)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True)
+        mounted.append(point)
+        return point
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
