@@ -100,7 +100,7 @@ def find_base(repo: Repository, vm: Vm) -> _Base | NeedsFull:
         earlier = True
     if earlier:
         return NeedsFull("no reference point of the VM matches one of its restore points in this repository",
-                          reason=REFERENCE_POINT_GONE)
+                         reason=REFERENCE_POINT_GONE)
     return NeedsFull("no earlier restore point of this VM in this repository", reason=NO_BASE)
 
 

@@ -48,7 +48,7 @@ def base_index(point: dict, disk_id: str, geometry: Geometry) -> ChunkIndex:
             continue
         if disk["geometry"]["virtual_size"] != geometry.virtual_size:
             raise NeedsFull(f"its size changed from {disk['geometry']['virtual_size']} to {geometry.virtual_size} "
-                             "bytes since the base point", reason=RESIZED)
+                            "bytes since the base point", reason=RESIZED)
         return disk["chunks"]
     raise NeedsFull("the base restore point has no such disk", reason=NEW_DISK)
 

@@ -62,6 +62,7 @@ from hvbackup.host.model import (
 from hvbackup.host.returns import FAILED, INVALID_PARAMETER, NOT_SUPPORTED
 from hvbackup.host.undo import Created
 from hvbackup.host.vm import DISK_DIRECTORY, Vm
+from hvbackup.meter import ByteMeter
 
 CONFIG_DIRECTORY = "Virtual Machines"
 DEFINITION_FORMAT = "hvbackup-vmcx"
@@ -187,21 +188,28 @@ def _disk_name(checkpoint: Checkpoint, index: int, *, differential: bool) -> str
     return f"{stem}_{checkpoint.instance_id}.avhdx" if differential else f"{stem}.vhdx"
 
 
-class _Meter:
-    """Progress over all disks, and the cancellation check between pieces."""
+class _Meter(ByteMeter):
+    """The export's bytes over all disks. The copies report per disk (done, total in that disk), so a
+    disk's progress is added as it grows; the cancellation is checked between pieces."""
 
     def __init__(self, progress: Progress | None, cancelled: Callable[[], bool] | None):
-        self.progress, self.cancelled = progress, cancelled
-        self.done = self.total = 0
+        super().__init__(progress)
+        self.stop_requested = cancelled
+        self._in_disk = 0
 
     def check(self) -> None:
-        if self.cancelled and self.cancelled():
+        if self.stop_requested and self.stop_requested():
             raise HostError("the export was cancelled", FAILED)
 
     def piece(self, done_in_disk: int, _total_in_disk: int) -> None:
-        if self.progress:
-            self.progress(self.done + done_in_disk, self.total)
+        self.add(done_in_disk - self._in_disk)
+        self._in_disk = done_in_disk
         self.check()
+
+    def disk_done(self, count: int) -> None:
+        """The disk's ``count`` bytes are exported, whatever the copy reported."""
+        self.add(count - self._in_disk)
+        self._in_disk = 0
 
 
 @dataclass
@@ -236,7 +244,7 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
                             "base checkpoint before converting it, or take a full export", INVALID_PARAMETER)
         ranges = [Extent(o, n, ExtentState.DATA) for o, n in changed_ranges(source, rct_id, size)]
         plans.append(_Plan(source, block_size, parent, ranges, data_bytes(ranges)))
-    meter.total = sum(plan.count for plan in plans)
+    meter.grow(sum(plan.count for plan in plans))
     exported = []
     for plan, target in zip(plans, targets):
         meter.check()
@@ -255,7 +263,7 @@ def _export_disks(vm: Vm, checkpoint: Checkpoint, base: Base | None, merge: bool
                 _differential(plan.source, plan.ranges, plan.parent, target, meter)
         except DiskError as exc:
             raise HostError(f"exporting {plan.source}: {exc}", FAILED) from None
-        meter.done += plan.count
+        meter.disk_done(plan.count)
         exported.append(os.path.abspath(target))
     return exported
 

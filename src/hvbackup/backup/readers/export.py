@@ -82,7 +82,7 @@ class ExportReader:
             raise NeedsFull("there is no base to read changes since", reason=readers.NO_BASE)
         if self.whole:
             raise self.full or NeedsFull("the base reference point does not know this disk: the host exported it "
-                                          "in full", reason=readers.NEW_DISK)
+                                         "in full", reason=readers.NEW_DISK)
         return data_ranges(self.device.extents())  # no parent: what the file holds is what changed
 
     def allocated(self) -> list[Range]:

@@ -58,7 +58,7 @@ class VirtDiskReader:
                 found, processed = virtdisk.query_changes_virtual_disk(self.handle, rct_id, offset, size - offset)
                 if processed <= 0:
                     raise NeedsFull(f"{self.handle.path}: the change query made no progress at {offset}",
-                                     reason=TRACKING_LOST)
+                                    reason=TRACKING_LOST)
                 ranges.extend(found)
                 offset += processed
         except VirtDiskError as exc:
