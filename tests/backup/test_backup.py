@@ -13,6 +13,7 @@ import pytest
 from hvbackup import disks, stack, tracking
 from hvbackup.backup import planner, readers
 from hvbackup.backup.engine import backup_vm, backup_vms
+from hvbackup.backup.geometry import Geometry
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.restore import restore_disk, restore_vm
 from hvbackup.errors import BackupError
@@ -87,7 +88,7 @@ def test_full_then_incrementals_restore_exactly(setup, method):
 
 
 def chunk_lists(repo, result) -> list[list]:
-    return [d["chunks"].to_json() for d in repo.point(result.point_id)["disks"]]
+    return [d.chunks.to_json() for d in repo.point(result.point_id).disks]
 
 
 def test_both_methods_store_the_same_point_whichever_came_before(setup):
@@ -135,7 +136,7 @@ def test_a_failed_backup_removes_its_checkpoint_and_keeps_the_base(setup):
             backup(repo, vm, method=method, progress=fail)
         assert vm.checkpoints() == []
         assert [r.instance_id for r in vm.reference_points()] == [good.reference_point]
-        assert [p["point_id"] for p in repo.points()] == [good.point_id]
+        assert [p.point_id for p in repo.points()] == [good.point_id]
     after = backup(repo, vm)
     assert after.kind == "incremental" and after.base_point == good.point_id
     assert restored(repo, after.point_id, 0, tmp) == image(vm, 0)
@@ -280,13 +281,13 @@ def test_why_a_disk_is_read_in_full_is_a_reason_code(setup):
         tracking.enable(active)
         result = backup(repo, vm, method=method)
         assert result.read_in_full[1] == readers.RESIZED, result.notes
-        assert repo.point(result.point_id)["disks"][1]["geometry"]["virtual_size"] == size
+        assert repo.point(result.point_id).disks[1].geometry.virtual_size == size
 
 
 def test_the_planner_cuts_ranges_at_chunk_boundaries():
     class Whole:
         whole = True
-        geometry = readers.Geometry(10 * CHUNK + 512, MiB, 512, 4096)
+        geometry = Geometry(10 * CHUNK + 512, MiB, 512, 4096)
 
     class Differential(Whole):
         whole = False
@@ -317,7 +318,7 @@ def test_a_failure_after_the_commit_is_a_note_on_a_stored_point(setup, monkeypat
     monkeypatch.setattr(refpoints, "destroy_reference_point", refuse)
     second = backup(repo, vm)
     assert second.kind == "incremental" and any("tidying up afterwards failed" in n for n in second.notes)
-    assert [p["point_id"] for p in repo.points()] == [first.point_id, second.point_id]
+    assert [p.point_id for p in repo.points()] == [first.point_id, second.point_id]
     monkeypatch.undo()
     third = backup(repo, vm)
     assert third.kind == "incremental" and [r.instance_id for r in vm.reference_points()] == [third.reference_point]

@@ -108,7 +108,7 @@ def world(tmp_path_factory):
             expected[result.point_id] = shas
     for vm in vms:
         vm.close_disks()
-    assert {p["kind"] for p in plain.points()} == {"full", "incremental"}
+    assert {p.kind for p in plain.points()} == {"full", "incremental"}
     return {"root": root, "host": host.directory, "plain": plain.path, "encrypted": encrypted.path,
             "expected": expected}
 
@@ -453,8 +453,8 @@ def undamaged(shared):
 
 
 def referencing(repo: Repository, name: str) -> set[tuple[str, int]]:
-    return {(point, d["index"]) for point in repo.point_ids() for d in repo.point(point)["disks"]
-            if name in d["chunks"].to_json()}
+    return {(point, d.index) for point in repo.point_ids() for d in repo.point(point).disks
+            if name in d.chunks.to_json()}
 
 
 def assert_outcome(repo: Repository, world, where: Path, affected: set[tuple[str, int]], points: list[str],
@@ -481,7 +481,7 @@ def test_damaged_chunk(world, undamaged, tmp_path, which, damage):
     repo = undamaged(which)
     points = repo.point_ids()
     # A chunk of the first point that the last one no longer uses: some points lose it, some do not.
-    first, last = ({c for d in repo.point(p)["disks"] for _, c in d["chunks"].items()} for p in (points[0], points[-1]))
+    first, last = ({c for d in repo.point(p).disks for _, c in d.chunks.items()} for p in (points[0], points[-1]))
     name = sorted(first - last)[0]
     affected = referencing(repo, name)
     assert affected and len(affected) < len(points) * len(SIZES)
@@ -495,8 +495,8 @@ def test_chunk_renamed_onto_another(world, undamaged, tmp_path, which):
     or the AEAD tag, which binds the name, fails (encrypted); the moved-away name is missing."""
     repo = undamaged(which)
     points = repo.point_ids()
-    disks0 = repo.point(points[0])["disks"]
-    source, destination = disks0[1]["chunks"].name_at(MiB // CHUNK), disks0[0]["chunks"].name_at(0)
+    disks0 = repo.point(points[0]).disks
+    source, destination = disks0[1].chunks.name_at(MiB // CHUNK), disks0[0].chunks.name_at(0)
     assert source and destination and source != destination
     os.rename(chunk_path(repo.path, source), chunk_path(repo.path, destination))
     assert_outcome(repo, world, tmp_path, referencing(repo, source) | referencing(repo, destination), points)

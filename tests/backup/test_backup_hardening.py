@@ -35,7 +35,7 @@ def restores_exactly(hv, tmp, point_id: str, expected: list[str]) -> None:
 
 
 def chunks_of(repo_dir, point_id: str, index: int = 0) -> list[str]:
-    return [name for _, name in Repository.open(str(repo_dir)).point(point_id)["disks"][index]["chunks"].items()]
+    return [name for _, name in Repository.open(str(repo_dir)).point(point_id).disks[index].chunks.items()]
 
 
 # -- a backup repository heals and isolates damage
@@ -263,7 +263,7 @@ def test_each_vm_gets_its_own_result_whatever_fails(hv, where, breakage):
     assert reported[0]["kind"] == "full" and "error" not in reported[0]
     assert reported[1]["error"].startswith("VM db: ") or db_id in reported[1]["error"]
     assert reported[2]["error"].startswith("VM nosuch: ") and "no VM" in reported[2]["error"]
-    assert Repository.open(str(tmp / "repo")).points()[0]["vm_name"] == "web"
+    assert Repository.open(str(tmp / "repo")).points()[0].vm_name == "web"
     text = hv("backup", "db", "web")
     assert text.returncode == 2 and text.stdout.startswith("web: incremental")
     assert text.stderr.count("\n") == 1 and text.stderr.startswith("hvbackup: error: VM db: ")

@@ -178,8 +178,8 @@ class BackupModel(RuleBasedStateMachine):
         if result.kind == "incremental":
             assert result.base_point == self.last[v][0]
         point = self.repo.point(result.point_id)
-        assert point["kind"] == result.kind and point["method"] == method and point["vm_name"] == result.vm
-        assert [d["geometry"]["virtual_size"] for d in point["disks"]] == DISK_SIZES
+        assert point.kind == result.kind and point.method == method and point.vm_name == result.vm
+        assert [d.geometry.virtual_size for d in point.disks] == DISK_SIZES
         event(f"{method} {result.kind}{' (forced)' if full else ''}")
         self.expected[result.point_id] = (result.vm, state)
         self.last[v] = (result.point_id, method)
@@ -356,7 +356,7 @@ def test_both_methods_store_identical_chunk_lists(scratch):
                 results[method] = backup_vm(session, vm, method=method)
         assert _image(vms["virtdisk"], 0) == _image(vms["export"], 0)
         assert [r.kind for r in results.values()] == ["full" if step == 0 else "incremental"] * 2
-        lists = [[d["chunks"].to_json() for d in repo.point(r.point_id)["disks"]] for r in results.values()]
+        lists = [[d.chunks.to_json() for d in repo.point(r.point_id).disks] for r in results.values()]
         assert lists[0] == lists[1], step
         chunk_lists.append(lists[0])
     assert chunk_lists[1] != chunk_lists[2]  # the history did change the disks between the points

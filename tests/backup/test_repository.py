@@ -24,16 +24,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hvbackup.backup.chunks import chunk_path
+from hvbackup.backup.geometry import Geometry
 from hvbackup.backup.manifest import decode as decode_manifest
 from hvbackup.backup.repository import DEFAULT_CHUNK_SIZE, Repository
 from hvbackup.errors import RepositoryCorruptError, RepositoryError, RepositoryLockedError
 
 SMALL = 64 << 10  # the smallest chunk size keeps most tests fast
-GEOMETRY = {"block_size": 1 << 20, "logical_sector_size": 512, "physical_sector_size": 4096}
-
-
-def geometry(size: int) -> dict:
-    return {"virtual_size": size, **GEOMETRY}
+def geometry(size: int) -> Geometry:
+    return Geometry(size, 1 << 20, 512, 4096)
 
 
 def pattern(key: int, length: int) -> bytes:
@@ -79,16 +77,16 @@ def test_round_trip_dedup_across_disks_and_points(tmp_path):
     assert len(chunk_files(repo)) == 5
 
     second = store(repo, [disk0, disk1], {"vm_name": "web"})
-    assert repo.point(second)["bytes_stored"] < 1 << 20
-    assert repo.point(second)["bytes_read"] == len(disk0) + len(disk1)
+    assert repo.point(second).bytes_stored < 1 << 20
+    assert repo.point(second).bytes_read == len(disk0) + len(disk1)
     assert len(chunk_files(repo)) == 5
     for point_id in (first, second):
         assert read_back(repo, point_id, 0) == disk0
         assert read_back(repo, point_id, 1) == disk1
     summary = Repository.open(repo.path).points()
-    assert [p["point_id"] for p in summary] == [first, second]
-    assert summary[0]["vm_config"] == {"memory": 1024} and summary[0]["rct_ids"] == ["rct:1"]
-    assert summary[0]["disks"][0]["geometry"]["virtual_size"] == len(disk0)
+    assert [p.point_id for p in summary] == [first, second]
+    assert summary[0].vm_config == {"memory": 1024} and summary[0].rct_ids == ["rct:1"]
+    assert summary[0].disks[0].geometry.virtual_size == len(disk0)
     assert repo.verify(read_data=True) == []
 
 
@@ -96,10 +94,10 @@ def test_zero_chunks_are_not_stored_and_tails_round_trip(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     image = bytes(SMALL) + pattern(3, SMALL) + bytes(SMALL) + pattern(4, 1000)
     point = store(repo, [image, bytes(100)])
-    chunks = repo.point(point)["disks"][0]["chunks"]
+    chunks = repo.point(point).disks[0].chunks
     assert chunks.slots.tolist() == [1, 3] and chunks.count == 4
     assert chunks.to_json() == [1, chunks.name_at(1), 1, chunks.name_at(3)]
-    assert repo.point(point)["disks"][1]["chunks"].to_json() == [1]
+    assert repo.point(point).disks[1].chunks.to_json() == [1]
     assert len(chunk_files(repo)) == 2
     assert read_back(repo, point, 0) == image and read_back(repo, point, 1) == bytes(100)
     assert [o for o, _ in repo.read_disk(point, 0, zeros=False)] == [SMALL, 3 * SMALL]
@@ -109,7 +107,7 @@ def test_incremental_reuses_previous_chunks(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     base = pattern(5, 4 * SMALL)
     full = store(repo, [base])
-    previous = repo.point(full)["disks"][0]["chunks"]
+    previous = repo.point(full).disks[0].chunks
     changed = pattern(6, SMALL)
     with repo.writer() as w:
         assert w.add_disk(0, geometry(len(base)), previous) == []  # nothing of the base is lost
@@ -117,7 +115,7 @@ def test_incremental_reuses_previous_chunks(tmp_path):
         w.put(0, 3 * SMALL, bytes(SMALL))  # a slot of the base that becomes zeros
         incremental = w.commit({"reference_point": "rp-1", "method": "virtdisk"})
     assert read_back(repo, incremental, 0) == base[: 2 * SMALL] + changed + bytes(SMALL)
-    assert repo.point(incremental)["bytes_read"] == 2 * SMALL
+    assert repo.point(incremental).bytes_read == 2 * SMALL
     assert read_back(repo, full, 0) == base  # the base point is untouched
 
 
@@ -127,7 +125,7 @@ def test_an_incremental_stores_again_what_its_base_lost(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     base = pattern(5, 2 * SMALL) + pattern(5, 2 * SMALL)  # slots 0, 2 and 1, 3 share chunks
     full = store(repo, [base])
-    previous = repo.point(full)["disks"][0]["chunks"]
+    previous = repo.point(full).disks[0].chunks
     os.unlink(chunk_path(repo.path, previous.name_at(1)))
     with repo.writer() as w:
         assert w.add_disk(0, geometry(len(base)), previous) == [1, 3]
@@ -190,7 +188,7 @@ def test_encryption_round_trip_and_wrong_passphrase(tmp_path):
     assert read_back(opened, point, 0) == image
     assert opened.verify(read_data=True) == []
     # Keyed names: the plain BLAKE3 of a chunk is not its name, and no file holds the VM name in clear.
-    assert blake3(image[:SMALL]).hexdigest() not in repo.point(point)["disks"][0]["chunks"].to_json()
+    assert blake3(image[:SMALL]).hexdigest() not in repo.point(point).disks[0].chunks.to_json()
     assert all(b"secret-vm" not in p.read_bytes() for p in Path(repo.path).rglob("*") if p.is_file())
     with pytest.raises(RepositoryError, match="wrong passphrase"):
         Repository.open(repo.path, passphrase="wrong")
@@ -201,7 +199,7 @@ def test_encryption_round_trip_and_wrong_passphrase(tmp_path):
 def test_encrypted_chunk_tampering_fails_authentication(tmp_path):
     repo = Repository.init(tmp_path / "r", passphrase="pw", chunk_size=SMALL)
     point = store(repo, [pattern(9, SMALL)])
-    path = Path(chunk_path(repo.path, repo.point(point)["disks"][0]["chunks"].name_at(0)))
+    path = Path(chunk_path(repo.path, repo.point(point).disks[0].chunks.name_at(0)))
     data = bytearray(path.read_bytes())
     data[40] ^= 1  # inside the sealed payload; recompute the outer checksum so only the AEAD can notice
     data[-32:] = blake3(bytes(data[:-32])).digest()
@@ -237,13 +235,13 @@ class RepositoryModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def commit_incremental(self, data):
         base = data.draw(st.sampled_from(sorted(self.expected)))
-        previous = self.repo.point(base)["disks"]
+        previous = self.repo.point(base).disks
         images = []
         with self.repo.writer() as w:
             for index, disk in enumerate(previous):
                 image = bytearray(self.expected[base][index])
-                assert w.add_disk(index, disk["geometry"], disk["chunks"]) == []
-                for i in range(disk["chunks"].count):
+                assert w.add_disk(index, disk.geometry, disk.chunks) == []
+                for i in range(disk.chunks.count):
                     offset = i * SMALL
                     if data.draw(st.booleans()):
                         piece = pattern(data.draw(st.integers(0, 6)), len(image[offset: offset + SMALL]))
@@ -304,7 +302,7 @@ def test_prune_deletes_only_unreferenced_chunks(tmp_path):
 def test_flipped_byte_in_a_chunk_is_found(tmp_path, at):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     point = store(repo, [pattern(13, SMALL)])
-    name = repo.point(point)["disks"][0]["chunks"].name_at(0)
+    name = repo.point(point).disks[0].chunks.name_at(0)
     flip(Path(chunk_path(repo.path, name)), at)
     # A damaged frame header no longer fits the file, which even the plain check sees; past the
     # header only reading the data can tell.
@@ -375,7 +373,7 @@ def test_damaged_files_raise_only_repository_errors(fuzz_repo, data):
 def test_deleted_chunk_is_reported(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     point = store(repo, [pattern(15, SMALL) + pattern(16, SMALL)])
-    name = repo.point(point)["disks"][0]["chunks"].name_at(1)
+    name = repo.point(point).disks[0].chunks.name_at(1)
     os.unlink(chunk_path(repo.path, name))
     problems = repo.verify()
     assert len(problems) == 1 and "missing" in problems[0] and name in problems[0]
@@ -466,7 +464,7 @@ def test_sigkill_at_random_moments_leaves_repository_valid(tmp_path, sample):
         opened = Repository.open(repo.path)
         assert opened.verify(read_data=True) == []
         for point in opened.point_ids():
-            seed = opened.point(point)["vm_config"]["seed"]
+            seed = opened.point(point).vm_config["seed"]
             for disk in (0, 1):
                 assert read_back(opened, point, disk) == crash_image(seed, disk)
     assert Repository.open(repo.path).point_ids(), "no point was ever committed: the kills came too early"
@@ -551,7 +549,7 @@ def test_a_manifest_too_large_for_readers_is_never_committed(tmp_path, monkeypat
 def test_repair_reports_what_it_could_not_set_aside(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     point = store(repo, [pattern(32, SMALL)])
-    name = repo.point(point)["disks"][0]["chunks"].name_at(0)
+    name = repo.point(point).disks[0].chunks.name_at(0)
     flip(Path(chunk_path(repo.path, name)), 100)
     Path(repo.path, "damaged").mkdir()
     Path(repo.path, "damaged", "chunks").write_text("a file where the directory belongs")
@@ -579,39 +577,57 @@ def test_a_passing_read_error_is_neither_reported_nor_set_aside(tmp_path, monkey
 def test_a_torn_base_chunk_is_put_again(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     base = store(repo, [pattern(34, SMALL) + pattern(35, SMALL)])
-    index = repo.point(base)["disks"][0]["chunks"]
+    index = repo.point(base).disks[0].chunks
     torn = Path(chunk_path(repo.path, index.name_at(1)))
     torn.write_bytes(torn.read_bytes()[:100])
     with repo.writer() as w:
         assert w.add_disk(0, geometry(2 * SMALL), index) == [1]
 
 
+def test_fields_another_version_stored_are_kept_and_encoded_again(tmp_path):
+    """A point with fields this version does not know reads, and encodes to the bytes it was stored as."""
+    import zstandard
+
+    from hvbackup.backup import envelope, manifest
+
+    repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
+    point = store(repo, [pattern(37, SMALL)])
+    document = repo.point(point).to_dict()
+    document["disks"][0]["label"] = "system"
+    document["tags"] = ["nightly"]
+    payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(document, separators=(",", ":")).encode())
+    stored = envelope.frame(manifest.MAGIC, envelope.FLAG_COMPRESSED, payload)
+    decoded = manifest.decode(stored, point, None, repo.id, SMALL)
+    assert decoded.extra == {"tags": ["nightly"]} and decoded.disks[0].extra == {"label": "system"}
+    assert manifest.encode(decoded, None) == stored
+
+
 def test_a_manifest_with_absurd_numbers_is_one_damaged_point(tmp_path):
     """Valid frame and JSON, but a size no disk has, or fields of the wrong type: damaged, not a crash
     of every command."""
+    from dataclasses import replace
+
     from hvbackup.backup import manifest
     from hvbackup.backup.index import ChunkIndex
 
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     good = store(repo, [pattern(36, SMALL)])
-    doc = {**manifest.caller_fields({}), "point_id": "", "repository_id": repo.id, "chunk_size": SMALL,
-           "bytes_read": 0, "bytes_stored": 0}
-    bad_docs = [{**doc, "disks": [{"index": 0, "geometry": geometry((10 ** 30 + 1) * SMALL),
-                                   "chunks": ChunkIndex.empty(0)}]},
-                {**doc, "rct_ids": 5, "disks": []}, {**doc, "vm_id": ["x"], "disks": []}]
+    doc = manifest.Manifest("", repo.id, SMALL)
+    bad_docs = [replace(doc, disks=[manifest.Disk(0, geometry((10 ** 30 + 1) * SMALL),
+                                                  ChunkIndex.empty(0))]),
+                replace(doc, rct_ids=5), replace(doc, vm_id=["x"])]
     for n, bad in enumerate(bad_docs):
         point_id = f"20990101T00000{n}.000000Z-0000000{n}"
-        stored = {**bad, "point_id": point_id}
-        raw = manifest.encode(stored, None)
+        raw = manifest.encode(replace(bad, point_id=point_id), None)
         Path(repo.path, "points", point_id).write_bytes(raw)
     scan = repo.scan()
-    assert [p["point_id"] for p in scan.points] == [good] and len(scan.damaged) == len(bad_docs)
+    assert [p.point_id for p in scan.points] == [good] and len(scan.damaged) == len(bad_docs)
 
 
 def test_prune_keeps_the_chunks_of_points_repair_set_aside(tmp_path):
     repo = Repository.init(tmp_path / "r", chunk_size=SMALL)
     old = store(repo, [pattern(37, SMALL) + pattern(38, SMALL)])
-    os.unlink(chunk_path(repo.path, repo.point(old)["disks"][0]["chunks"].name_at(1)))
+    os.unlink(chunk_path(repo.path, repo.point(old).disks[0].chunks.name_at(1)))
     assert old in repo.repair().moved_points
     assert repo.prune()["chunks_deleted"] == 0  # chunk 0 stays: the set-aside point may come back
     shutil.move(os.path.join(repo.path, "damaged", "points", old), os.path.join(repo.path, "points", old))
@@ -648,7 +664,7 @@ def test_incompressible_pieces_are_stored_as_they_are_and_compressible_ones_comp
         }
         image = b"".join(data for data, _ in pieces.values())
         point = store(repo, [image])
-        names = repo.point(point)["disks"][0]["chunks"]
+        names = repo.point(point).disks[0].chunks
         for slot, (what, (_, compressed)) in enumerate(pieces.items()):
             flags = chunk_flags(repo, names.name_at(slot))
             assert bool(flags & envelope.FLAG_COMPRESSED) == compressed, (chunk, what)
@@ -665,7 +681,7 @@ def test_a_compressed_chunk_is_what_a_fresh_level_3_compressor_makes(tmp_path):
     data = log_text(repo.chunk_size)
     point = store(repo, [data, data[::-1]])
     for index, piece in enumerate((data, data[::-1])):
-        stored = Path(chunk_path(repo.path, repo.point(point)["disks"][index]["chunks"].name_at(0))).read_bytes()
+        stored = Path(chunk_path(repo.path, repo.point(point).disks[index].chunks.name_at(0))).read_bytes()
         assert stored[24:-32] == zstandard.ZstdCompressor(level=3).compress(piece)
 
 
@@ -680,7 +696,7 @@ def test_a_sampled_piece_whose_samples_miss_its_redundancy_is_stored_as_it_is(tm
     for i in range(chunks.SAMPLES):  # text everywhere except at the samples
         data[i * step + chunks.SAMPLE: (i + 1) * step] = log_text(step - chunks.SAMPLE)
     point = store(repo, [bytes(data)])
-    assert not chunk_flags(repo, repo.point(point)["disks"][0]["chunks"].name_at(0)) & envelope.FLAG_COMPRESSED
+    assert not chunk_flags(repo, repo.point(point).disks[0].chunks.name_at(0)) & envelope.FLAG_COMPRESSED
     assert read_back(repo, point, 0) == bytes(data)
 
 

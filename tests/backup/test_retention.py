@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hvbackup.backup.manifest import Manifest
 from hvbackup.backup.retention import plan
 from hvbackup.errors import RepositoryError
 
@@ -22,8 +23,8 @@ def at(text: str) -> float:
     return float(calendar.timegm((y, m, d, hh, mm, 0)))
 
 
-def point(n: int, when: float, vm: str = "vm-a") -> dict:
-    return {"point_id": f"p{n:04d}", "vm_id": vm, "vm_name": vm.upper(), "ended": when, "started": when - 60}
+def point(n: int, when: float, vm: str = "vm-a") -> Manifest:
+    return Manifest(f"p{n:04d}", "repo", 1 << 20, vm_id=vm, vm_name=vm.upper(), ended=when, started=when - 60)
 
 
 def kept(keep: list[dict]) -> dict[str, list[str]]:
@@ -36,7 +37,7 @@ def test_keep_last_keeps_the_newest_in_any_input_order():
     assert kept(keep) == {"p0004": ["last"], "p0005": ["last"]}
     assert [f["point_id"] for f in forget] == ["p0000", "p0001", "p0002", "p0003"]  # oldest first
     assert set(forget[0]) == {"point_id", "vm_id", "vm_name", "time"}
-    assert forget[0]["time"] == points[0]["ended"]
+    assert forget[0]["time"] == points[0].ended
 
 
 def test_daily_keeps_the_newest_of_each_of_the_latest_days_with_points():
@@ -91,9 +92,9 @@ def test_policies_apply_to_each_vm_on_its_own():
 
 def test_a_point_without_an_end_is_placed_by_its_start():
     p = point(0, at("2026-03-01 00:00"))
-    p["ended"] = None
+    p.ended = None
     keep, _ = plan([p, point(1, at("2026-02-01 00:00"))], keep_last=1)
-    assert kept(keep) == {"p0000": ["last"]} and keep[0]["time"] == p["started"]
+    assert kept(keep) == {"p0000": ["last"]} and keep[0]["time"] == p.started
 
 
 def test_equal_times_break_ties_by_point_id():
@@ -118,7 +119,7 @@ def test_a_policy_that_keeps_nothing_or_makes_no_sense_is_refused(policy, words)
 
 def test_a_point_without_any_time_is_refused():
     with pytest.raises(RepositoryError, match="p0000"):
-        plan([{"point_id": "p0000", "vm_id": "x", "ended": None, "started": None}], keep_last=1)
+        plan([Manifest("p0000", "repo", 1 << 20, vm_id="x")], keep_last=1)
 
 
 # Points of up to three VMs over about a year, some at the same instant.
@@ -137,21 +138,21 @@ def test_plan_properties(points, last, daily, weekly, monthly):
         return
     keep, forget = plan(points, **policy)
     kept_ids, forgot_ids = [k["point_id"] for k in keep], [f["point_id"] for f in forget]
-    assert sorted(kept_ids + forgot_ids) == sorted(p["point_id"] for p in points)
+    assert sorted(kept_ids + forgot_ids) == sorted(p.point_id for p in points)
     assert not set(kept_ids) & set(forgot_ids)
     for entries in (keep, forget):
         assert [e["time"] for e in entries] == sorted(e["time"] for e in entries)
     reasons = kept(keep)
     assert all(r and len(set(r)) == len(r) for r in reasons.values())
-    for vm in {p["vm_id"] for p in points}:
-        newest_first = sorted((p for p in points if p["vm_id"] == vm), key=lambda p: (p["ended"], p["point_id"]),
+    for vm in {p.vm_id for p in points}:
+        newest_first = sorted((p for p in points if p.vm_id == vm), key=lambda p: (p.ended, p.point_id),
                               reverse=True)
-        assert newest_first[0]["point_id"] in reasons  # any rule above 0 keeps a VM's newest point
-        assert {p["point_id"] for p in newest_first[:last]} == {
-            p["point_id"] for p in newest_first if "last" in reasons.get(p["point_id"], [])}
+        assert newest_first[0].point_id in reasons  # any rule above 0 keeps a VM's newest point
+        assert {p.point_id for p in newest_first[:last]} == {
+            p.point_id for p in newest_first if "last" in reasons.get(p.point_id, [])}
         for rule, count in (("daily", daily), ("weekly", weekly), ("monthly", monthly)):
-            by_rule = [p for p in newest_first if rule in reasons.get(p["point_id"], [])]
+            by_rule = [p for p in newest_first if rule in reasons.get(p.point_id, [])]
             assert len(by_rule) <= count
         # The number of days that have points bounds what daily keeps, and daily reaches it when it can.
-        days = {int(p["ended"] // DAY) for p in newest_first}
-        assert len([p for p in newest_first if "daily" in reasons.get(p["point_id"], [])]) == min(daily, len(days))
+        days = {int(p.ended // DAY) for p in newest_first}
+        assert len([p for p in newest_first if "daily" in reasons.get(p.point_id, [])]) == min(daily, len(days))

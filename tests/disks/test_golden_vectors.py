@@ -44,6 +44,7 @@ from tools import run
 from hvbackup.backup import envelope, manifest
 from hvbackup.backup.chunks import ChunkCodec
 from hvbackup.backup.crypto import Keys
+from hvbackup.backup.geometry import Geometry
 from hvbackup.backup.index import ChunkIndex
 from hvbackup.backup.repository import CONFIG_MAGIC, Repository
 from hvbackup.disks.vhd import dynamic_header as vhd_header
@@ -1387,16 +1388,16 @@ def test_chunk_frames_encrypted(kind):
         AESGCM(MASTER[:32]).decrypt(sealed[:12], sealed[12:], written[:24] + bytes(32))   # another name
 
 
-def _manifest_doc(repository_id: str, keys: Keys | None, bytes_stored: int) -> dict:
-    """A restore point as the writer builds it (writer.py: commit), in the same key order."""
+def _manifest_doc(repository_id: str, keys: Keys | None, bytes_stored: int) -> manifest.Manifest:
+    """A restore point as the writer builds it (writer.py: commit)."""
     name_a, name_t = _names(keys)
     disk0 = ChunkIndex.empty(7).overwritten({1: name_a, 4: name_a, 6: name_t})
     disk1 = ChunkIndex.empty(DISK1_SIZE // CHUNK_SIZE)
     fields = manifest.caller_fields(MANIFEST_FIELDS)
-    return {"point_id": POINT_ID, "repository_id": repository_id, "chunk_size": CHUNK_SIZE, **fields,
-            "ended": fields["ended"], "bytes_read": 2 * CHUNK_SIZE + 512, "bytes_stored": bytes_stored,
-            "disks": [{"index": 0, "geometry": dict(GEOMETRY0), "chunks": disk0},
-                      {"index": 1, "geometry": {**GEOMETRY0, "virtual_size": DISK1_SIZE}, "chunks": disk1}]}
+    return manifest.Manifest(
+        POINT_ID, repository_id, CHUNK_SIZE, **fields, bytes_read=2 * CHUNK_SIZE + 512, bytes_stored=bytes_stored,
+        disks=[manifest.Disk(0, Geometry.from_dict(GEOMETRY0), disk0),
+               manifest.Disk(1, Geometry.from_dict({**GEOMETRY0, "virtual_size": DISK1_SIZE}), disk1)])
 
 
 GEOMETRY0 = {"virtual_size": DISK0_SIZE, "block_size": 32 * MiB, "logical_sector_size": 512,
@@ -1427,9 +1428,9 @@ def test_manifest():
                          "bytes_stored", "disks"]
     assert doc["point_id"] == POINT_ID and doc["repository_id"] == REPO_ID and doc["chunk_size"] == CHUNK_SIZE
     decoded = manifest.decode(data, POINT_ID, None, REPO_ID, CHUNK_SIZE)
-    assert list(decoded["disks"][0]["chunks"].items()) == [(1, name_a), (4, name_a), (6, name_t)]
-    assert decoded["disks"][1]["chunks"].count == 65536 and decoded["disks"][1]["chunks"].data_slots == 0
-    assert {k: decoded[k] for k in MANIFEST_FIELDS} == MANIFEST_FIELDS
+    assert list(decoded.disks[0].chunks.items()) == [(1, name_a), (4, name_a), (6, name_t)]
+    assert decoded.disks[1].chunks.count == 65536 and decoded.disks[1].chunks.data_slots == 0
+    assert {k: getattr(decoded, k) for k in MANIFEST_FIELDS} == MANIFEST_FIELDS
 
 
 def test_manifest_encrypted():
@@ -1443,7 +1444,7 @@ def test_manifest_encrypted():
     assert flags == 3 and sealed[:12] == NONCES["manifest"]
     decoded = manifest.decode(data, POINT_ID, keys, ENC_REPO_ID, CHUNK_SIZE)
     name_a, name_t = (n.hex() for n in _names(keys))
-    assert list(decoded["disks"][0]["chunks"].items()) == [(1, name_a), (4, name_a), (6, name_t)]
+    assert list(decoded.disks[0].chunks.items()) == [(1, name_a), (4, name_a), (6, name_t)]
     # The project's own encrypted manifest: documented layout, bound to the point ID.
     written = manifest.encode(_manifest_doc(ENC_REPO_ID, keys, 0), keys)
     flags, sealed = spec_frame(written, b"HVBKMANI")
@@ -1478,7 +1479,7 @@ def test_golden_repository_restores(tmp_path, encrypted):
     repo = Repository.open(str(root), passphrase=PASSPHRASE if encrypted else None)
     assert (repo.id, repo.chunk_size, repo.encrypted) == (ENC_REPO_ID if encrypted else REPO_ID, CHUNK_SIZE, encrypted)
     [point] = repo.points()
-    assert point["point_id"] == POINT_ID and point["vm_name"] == "web"
+    assert point.point_id == POINT_ID and point.vm_name == "web"
     disk0 = b"".join(data for _offset, data in repo.read_disk(POINT_ID, 0))
     zero = bytes(CHUNK_SIZE)
     assert disk0 == zero + PIECE_A + zero + zero + PIECE_A + zero + PIECE_T
@@ -1489,8 +1490,8 @@ def test_golden_repository_restores(tmp_path, encrypted):
 def test_writer_writes_the_golden_manifest_and_chunks(tmp_path):
     repo = Repository.init(str(tmp_path / "r"), chunk_size=CHUNK_SIZE)
     with repo.writer() as writer:
-        writer.add_disk(0, GEOMETRY0)
-        writer.add_disk(1, {**GEOMETRY0, "virtual_size": DISK1_SIZE})
+        writer.add_disk(0, Geometry.from_dict(GEOMETRY0))
+        writer.add_disk(1, Geometry.from_dict({**GEOMETRY0, "virtual_size": DISK1_SIZE}))
         for offset, piece in [(CHUNK_SIZE, PIECE_A), (4 * CHUNK_SIZE, PIECE_A), (6 * CHUNK_SIZE, PIECE_T)]:
             writer.put(0, offset, piece)
         point_id = writer.commit(MANIFEST_FIELDS)

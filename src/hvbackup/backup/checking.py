@@ -19,6 +19,7 @@ from hvbackup.backup import envelope, manifest
 from hvbackup.backup.chunks import MAGIC, NAME, chunk_dirs, chunk_path
 from hvbackup.backup.index import NAME_DTYPE, hex_of, names_from_hex
 from hvbackup.backup.lock import RepositoryLock
+from hvbackup.backup.manifest import Manifest
 from hvbackup.backup.repository import DAMAGED, Damaged, Repository
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import HvBackupError, RepositoryCorruptError, RepositoryError
@@ -53,9 +54,9 @@ class _Names:
         self.prefix = prefix
         self._found, self._pending, self._count = np.empty(0, np.uint64 if prefix else NAME_DTYPE), [], 0
 
-    def add(self, m: dict) -> None:
-        for disk in m["disks"]:
-            names = disk["chunks"].names
+    def add(self, m: Manifest) -> None:
+        for disk in m.disks:
+            names = disk.chunks.names
             # Big-endian 8-byte prefixes, made native so sorting and searching run at full speed.
             self._pending.append(np.frombuffer(names.tobytes(), ">u8")[::4].astype(np.uint64) if self.prefix
                                  else names)
@@ -136,12 +137,12 @@ def _attribute(repo: Repository, bad: np.ndarray, report: Report) -> None:
         if isinstance(m, Damaged):
             continue
         lines = []
-        for disk in m["disks"]:
-            index = disk["chunks"]
+        for disk in m.disks:
+            index = disk.chunks
             for slot in index.slots_of(bad).tolist():
                 name = index.name_at(slot)
                 state = "damaged" if name in damaged else "missing"
-                lines.append(f"point {point_id} disk {disk['index']}: chunk {name} at offset "
+                lines.append(f"point {point_id} disk {disk.index}: chunk {name} at offset "
                              f"{slot * repo.chunk_size} is {state}")
         if lines:
             report.unrestorable[point_id] = f"{len(lines)} chunks are missing or damaged"

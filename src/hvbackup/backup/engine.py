@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hvbackup.backup import planner, readers
+from hvbackup.backup.manifest import Manifest
 from hvbackup.backup.planner import DiskPlan
 from hvbackup.backup.readers import BASE_CHUNKS_LOST, FULL_ASKED, NO_BASE, REFERENCE_POINT_GONE, Reader
 from hvbackup.backup.readers.export import export_directory
@@ -71,7 +72,7 @@ class Result:
 
 @dataclass
 class _Base:
-    point: dict                    # the base restore point's manifest
+    point: Manifest                # the base restore point's manifest
     reference_point: ReferencePoint
 
 
@@ -93,10 +94,10 @@ def find_base(repo: Repository, vm: Vm) -> _Base | NeedsFull:
             point = repo.point(point_id)
         except RepositoryError:
             continue
-        if point["vm_id"] != vm.vm_id:
+        if point.vm_id != vm.vm_id:
             continue
-        if tuple(point["rct_ids"]) in by_rct:
-            return _Base(point, by_rct[tuple(point["rct_ids"])])
+        if tuple(point.rct_ids) in by_rct:
+            return _Base(point, by_rct[tuple(point.rct_ids)])
         earlier = True
     if earlier:
         return NeedsFull("no reference point of the VM matches one of its restore points in this repository",
@@ -173,7 +174,7 @@ def _backup(session: Session, vm: Vm, name: str, method: str, full: bool, meter:
     })
     notes += _tidy_after_commit(vm, repo, point, base)
     return Result(point_id, name, kind, method, writer.bytes_read, writer.bytes_stored, time.time() - started,
-                  base.point["point_id"] if kind == "incremental" else None, point.instance_id, notes, read_in_full)
+                  base.point.point_id if kind == "incremental" else None, point.instance_id, notes, read_in_full)
 
 
 def _read_disks(writer: Writer, method: str, vm: Vm, checkpoint: Checkpoint, base: _Base | NeedsFull,
@@ -206,7 +207,7 @@ def _store_disks(writer: Writer, disks: list[Reader], checkpoint: Checkpoint, ba
             if isinstance(base, _Base):  # without a base every disk is read in full for the one reason
                 notes.append(f"disk {index}: read in full ({exc.reason}): {exc}")
             plan = planner.full(reader, chunk)
-        lost = writer.add_disk(index, reader.geometry.to_dict(), plan.base)
+        lost = writer.add_disk(index, reader.geometry, plan.base)
         if lost:
             notes.append(f"disk {index}: {len(lost)} chunks of the base point are missing or damaged in the "
                          f"repository; read again from the disk")

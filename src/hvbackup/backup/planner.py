@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hvbackup.backup.geometry import Geometry
 from hvbackup.backup.index import ChunkIndex
-from hvbackup.backup.readers import NEW_DISK, RESIZED, Geometry, Range, Reader
+from hvbackup.backup.manifest import Manifest
+from hvbackup.backup.readers import NEW_DISK, RESIZED, Range, Reader
 from hvbackup.backup.repository import Repository
 from hvbackup.backup.writer import Session
 from hvbackup.errors import NeedsFull, RepositoryError
@@ -40,22 +42,22 @@ def incremental(reader: Reader, changes: list[Range], base: ChunkIndex, chunk: i
     return DiskPlan(base, sorted(patches), patches)
 
 
-def base_index(point: dict, disk_id: str, geometry: Geometry) -> ChunkIndex:
+def base_index(point: Manifest, disk_id: str, geometry: Geometry) -> ChunkIndex:
     """The base point's chunk index of this disk; NeedsFull if the point lacks it or its size differs."""
-    ids = [d.get("instance_id") for d in point.get("vm_config", {}).get("disks", [])]
-    for disk, instance_id in zip(point["disks"], ids):
+    ids = [d.get("instance_id") for d in point.vm_config.get("disks", [])]
+    for disk, instance_id in zip(point.disks, ids):
         if instance_id != disk_id:
             continue
-        if disk["geometry"]["virtual_size"] != geometry.virtual_size:
-            raise NeedsFull(f"its size changed from {disk['geometry']['virtual_size']} to {geometry.virtual_size} "
+        if disk.geometry.virtual_size != geometry.virtual_size:
+            raise NeedsFull(f"its size changed from {disk.geometry.virtual_size} to {geometry.virtual_size} "
                             "bytes since the base point", reason=RESIZED)
-        return disk["chunks"]
+        return disk.chunks
     raise NeedsFull("the base restore point has no such disk", reason=NEW_DISK)
 
 
-def base_is_intact(session: Session, point: dict) -> bool:
+def base_is_intact(session: Session, point: Manifest) -> bool:
     """Every chunk the base point names is in the repository: a differential can be laid over it."""
-    names = [disk["chunks"].distinct_names() for disk in point["disks"]]
+    names = [disk.chunks.distinct_names() for disk in point.disks]
     return not any(len(session.missing(n)) for n in names if len(n))
 
 

@@ -26,6 +26,7 @@ from hvbackup.backup import envelope, manifest
 from hvbackup.backup.chunks import ChunkCodec, chunk_dirs, chunk_path, max_payload
 from hvbackup.backup.crypto import Keys
 from hvbackup.backup.lock import RepositoryLock
+from hvbackup.backup.manifest import Manifest
 from hvbackup.backup.writer import Session, SingleWriter
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import PassphraseNeededError, RepositoryCorruptError, RepositoryError
@@ -65,7 +66,7 @@ class Damaged:
 
 @dataclass
 class Scan:
-    points: list[dict]        # summaries of the readable points, oldest first (no chunk indexes)
+    points: list[Manifest]    # summaries of the readable points, oldest first (no chunk indexes)
     damaged: list[Damaged]    # the rest of points/, by name
 
 
@@ -177,13 +178,13 @@ class Repository:
         """The names in points/ that are point IDs, readable or not."""
         return [n for n in self._entries("points") if manifest.POINT_ID.fullmatch(n)]
 
-    def point(self, point_id: str) -> dict:
+    def point(self, point_id: str) -> Manifest:
         """The full manifest of one restore point, checked."""
         if not manifest.POINT_ID.fullmatch(point_id):
             raise RepositoryError(f"{point_id!r} is not a point ID")
         return self._manifest(("points",), point_id)
 
-    def _manifest(self, directory: tuple[str, ...], point_id: str) -> dict:
+    def _manifest(self, directory: tuple[str, ...], point_id: str) -> Manifest:
         path = self._sub(*directory, point_id)
         try:
             data = envelope.read_bounded(path, manifest.MAX_STORED, f"point {point_id}")
@@ -193,7 +194,7 @@ class Repository:
             raise RepositoryCorruptError(f"point {point_id}: cannot be read: {exc.strerror}") from None
         return manifest.decode(data, point_id, self._keys, self.id, self.chunk_size)
 
-    def manifests(self, *, set_aside: bool = False) -> Iterator[tuple[str, dict | Damaged]]:
+    def manifests(self, *, set_aside: bool = False) -> Iterator[tuple[str, Manifest | Damaged]]:
         """(name, manifest) for every entry of points/ — or of damaged/points/, the points repair set
         aside — in name order; an entry that is not a readable manifest comes as ``Damaged``. One
         forgotten while this runs is skipped."""
@@ -216,12 +217,10 @@ class Repository:
             if isinstance(m, Damaged):
                 found.damaged.append(m)
                 continue
-            for disk in m["disks"]:
-                del disk["chunks"]
-            found.points.append(m)
+            found.points.append(m.summary())
         return found
 
-    def points(self) -> list[dict]:
+    def points(self) -> list[Manifest]:
         """The readable restore points, oldest first, without their chunk indexes."""
         return self.scan().points
 
@@ -239,13 +238,13 @@ class Repository:
     def read_disk(self, point_id: str, index: int, *, zeros: bool = True) -> Iterator[tuple[int, bytes]]:
         """(offset, data) for each chunk of a disk, in order; every chunk is verified before it is
         yielded. Zero chunks are yielded as zeros, or skipped with ``zeros=False``."""
-        disks = self.point(point_id)["disks"]
+        disks = self.point(point_id).disks
         if not 0 <= index < len(disks):
             raise RepositoryError(f"point {point_id} has no disk {index}")
-        size = disks[index]["geometry"]["virtual_size"]
+        size, chunks = disks[index].geometry.virtual_size, disks[index].chunks
         zero = bytes(self.chunk_size)
-        stored = dict(disks[index]["chunks"].items())
-        for slot in range(disks[index]["chunks"].count) if zeros else stored:
+        stored = dict(chunks.items())
+        for slot in range(chunks.count) if zeros else stored:
             offset = slot * self.chunk_size
             length = min(self.chunk_size, size - offset)
             name = stored.get(slot)

@@ -12,6 +12,7 @@ import os
 import threading
 
 from hvbackup import disks, durable, stack, tracking
+from hvbackup.backup.manifest import Disk, Manifest
 from hvbackup.backup.repository import Repository
 from hvbackup.errors import RepositoryError
 from hvbackup.host import Host
@@ -34,13 +35,13 @@ def restore_disk(repo: Repository, point_id: str, index: int, target: str, *, fo
     if os.path.lexists(target):
         raise RepositoryError(f"{target} already exists: restore to a new file")
     point = repo.point(point_id)
-    if not 0 <= index < len(point["disks"]):
-        raise RepositoryError(f"point {point_id} has no disk {index} (it has {len(point['disks'])})")
+    if not 0 <= index < len(point.disks):
+        raise RepositoryError(f"point {point_id} has no disk {index} (it has {len(point.disks)})")
     _remove_leftovers(os.path.abspath(target))
     with durable.built_in_place(target, "restoring", replace=False) as temp:
         written = _write_disk(repo, point, index, temp, format, progress)
     return {"point_id": point_id, "disk": index, "path": os.path.abspath(target), "format": format,
-            "virtual_size": point["disks"][index]["geometry"]["virtual_size"], "bytes_written": written}
+            "virtual_size": point.disks[index].geometry.virtual_size, "bytes_written": written}
 
 
 def _remove_leftovers(target: str) -> None:
@@ -51,25 +52,25 @@ def _remove_leftovers(target: str) -> None:
     durable.sweep(directory, os.path.basename(durable.hidden(target, "restoring")))
 
 
-def _stored_bytes(disk: dict, chunk: int) -> int:
-    index, size = disk["chunks"], disk["geometry"]["virtual_size"]
+def _stored_bytes(disk: Disk, chunk: int) -> int:
+    index, size = disk.chunks, disk.geometry.virtual_size
     # Every stored slot is a whole chunk except, perhaps, the tail.
     tail = index.data_slots and index.slots[-1] == index.count - 1
     return index.data_slots * chunk - (chunk * index.count - size if tail else 0)
 
 
-def _write_disk(repo: Repository, point: dict, index: int, path: str, format: str,
+def _write_disk(repo: Repository, point: Manifest, index: int, path: str, format: str,
                 progress: Report | None) -> int:
     """Only stored chunks are written: a new disk reads as zeros. Each worker thread fetches,
     checks and writes its own chunks, so the copying into the file runs on every core; a VHDX's or
     VHD's writes take turns (they may allocate blocks), a raw file's need not."""
-    disk = point["disks"][index]
-    geometry, size = disk["geometry"], disk["geometry"]["virtual_size"]
+    disk = point.disks[index]
+    geometry, size = disk.geometry, disk.geometry.virtual_size
     chunk = repo.chunk_size
-    stored = ((slot * chunk, name) for slot, name in disk["chunks"].items())
+    stored = ((slot * chunk, name) for slot, name in disk.chunks.items())
     total = _stored_bytes(disk, chunk)
-    options = {"block_size": geometry["block_size"], "logical_sector_size": geometry["logical_sector_size"],
-               "physical_sector_size": geometry["physical_sector_size"]} if format == "vhdx" else {}
+    options = {"block_size": geometry.block_size, "logical_sector_size": geometry.logical_sector_size,
+               "physical_sector_size": geometry.physical_sector_size} if format == "vhdx" else {}
     with stack.create(path, size, format=format, **options) as target:
         meter = ByteMeter(_with_writeback(target, progress), total=total)
         turns = threading.Lock() if format != "raw" else contextlib.nullcontext()
@@ -78,7 +79,7 @@ def _write_disk(repo: Repository, point: dict, index: int, path: str, format: st
             offset, name = stored_chunk
             data = repo.read_chunk(name)
             if len(data) != min(chunk, size - offset):
-                raise RepositoryError(f"point {point['point_id']} disk {index}: the chunk at {offset} holds "
+                raise RepositoryError(f"point {point.point_id} disk {index}: the chunk at {offset} holds "
                                       f"{len(data)} bytes where {min(chunk, size - offset)} belong")
             with turns:
                 target.write(offset, data)
@@ -107,13 +108,13 @@ def restore_vm(repo: Repository, point_id: str, host: Host, *, name: str | None 
     """Register the point's VM with ``host``, Off, its disks restored as tracked VHDX files. It keeps
     its ID unless the host already has a VM with that ID; ``name`` renames it."""
     point = repo.point(point_id)
-    saved = VmConfig.from_dict(point["vm_config"])
+    saved = VmConfig.from_dict(point.vm_config)
     name = check_vm_name(saved.name if name is None else name)
     taken = {vm_id.lower() for vm_id in host.vm_ids()}  # damaged VMs' IDs too
     vm_id = new_id() if saved.vm_id.lower() in taken else saved.vm_id
     if any(vm.name == name for vm in host.vms()):
         raise RepositoryError(f"the host already has a VM named {name!r}: restore with --as NEW_NAME")
-    total = sum(_stored_bytes(disk, repo.chunk_size) for disk in point["disks"])
+    total = sum(_stored_bytes(disk, repo.chunk_size) for disk in point.disks)
     done_before = [0]
 
     def disk_progress(done: int, _total: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 from typing import Callable
 
+from hvbackup.backup.manifest import Manifest
 from hvbackup.errors import RepositoryError
 
 RULES: dict[str, Callable[[datetime.datetime], tuple]] = {
@@ -20,15 +21,15 @@ RULES: dict[str, Callable[[datetime.datetime], tuple]] = {
 }
 
 
-def point_time(point: dict) -> float:
+def point_time(point: Manifest) -> float:
     """When the point was taken: its end, or its start for a point without one."""
-    when = point.get("ended") or point.get("started")
+    when = point.ended or point.started
     if not isinstance(when, (int, float)):
-        raise RepositoryError(f"point {point.get('point_id')} has no time; retention cannot place it")
+        raise RepositoryError(f"point {point.point_id} has no time; retention cannot place it")
     return float(when)
 
 
-def plan(points: list[dict], *, keep_last: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
+def plan(points: list[Manifest], *, keep_last: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
          keep_monthly: int = 0) -> tuple[list[dict], list[dict]]:
     """Split restore point summaries into (keep, forget), both oldest first. Each entry is
     ``{point_id, vm_id, vm_name, time}``; a kept one also has ``reasons``, e.g. ``["last", "daily"]``."""
@@ -40,14 +41,14 @@ def plan(points: list[dict], *, keep_last: int = 0, keep_daily: int = 0, keep_we
         # Forgetting everything is never what a retention policy means; `repo forget` one by one is.
         raise RepositoryError("the policy keeps nothing: give at least one --keep-* above 0")
 
-    by_vm: dict[str | None, list[dict]] = {}
+    by_vm: dict[str | None, list[Manifest]] = {}
     for point in points:
-        by_vm.setdefault(point.get("vm_id"), []).append(point)
+        by_vm.setdefault(point.vm_id, []).append(point)
     reasons: dict[str, list[str]] = {}
     for vm_points in by_vm.values():
-        newest_first = sorted(vm_points, key=lambda p: (point_time(p), p["point_id"]), reverse=True)
+        newest_first = sorted(vm_points, key=lambda p: (point_time(p), p.point_id), reverse=True)
         for point in newest_first[:keep_last]:
-            reasons.setdefault(point["point_id"], []).append("last")
+            reasons.setdefault(point.point_id, []).append("last")
         for rule, bucket_of in RULES.items():
             seen: set[tuple] = set()
             for point in newest_first:
@@ -56,14 +57,13 @@ def plan(points: list[dict], *, keep_last: int = 0, keep_daily: int = 0, keep_we
                 bucket = bucket_of(datetime.datetime.fromtimestamp(point_time(point), datetime.UTC))
                 if bucket not in seen:  # newest first, so the first point of a bucket is its newest
                     seen.add(bucket)
-                    reasons.setdefault(point["point_id"], []).append(rule)
+                    reasons.setdefault(point.point_id, []).append(rule)
 
     keep, forget = [], []
-    for point in sorted(points, key=lambda p: (point_time(p), p["point_id"])):
-        entry = {"point_id": point["point_id"], "vm_id": point.get("vm_id"), "vm_name": point.get("vm_name"),
-                 "time": point_time(point)}
-        if point["point_id"] in reasons:
-            keep.append({**entry, "reasons": reasons[point["point_id"]]})
+    for point in sorted(points, key=lambda p: (point_time(p), p.point_id)):
+        entry = {"point_id": point.point_id, "vm_id": point.vm_id, "vm_name": point.vm_name, "time": point_time(point)}
+        if point.point_id in reasons:
+            keep.append({**entry, "reasons": reasons[point.point_id]})
         else:
             forget.append(entry)
     return keep, forget

@@ -28,6 +28,7 @@ import numpy as np
 from hvbackup import durable
 from hvbackup.backup import envelope, manifest
 from hvbackup.backup.chunks import MAGIC, chunk_dirs, chunk_path
+from hvbackup.backup.geometry import Geometry
 from hvbackup.backup.index import ChunkIndex
 from hvbackup.disks.fileio import sync_directory
 from hvbackup.errors import RepositoryError
@@ -203,7 +204,7 @@ class SingleWriter:
 
 
 class _Disk:
-    def __init__(self, geometry: dict, base: ChunkIndex, needed: set[int]):
+    def __init__(self, geometry: Geometry, base: ChunkIndex, needed: set[int]):
         self.geometry = geometry
         self.base = base
         self.changes: dict[int, bytes | None] = {}
@@ -228,14 +229,14 @@ class Writer:
         if self._committed or not self._session.open:
             raise RepositoryError("the writer is not open: use it inside 'with repo.writer() as w', before commit")
 
-    def add_disk(self, index: int, geometry: dict, base: ChunkIndex | None = None) -> list[int]:
+    def add_disk(self, index: int, geometry: Geometry, base: ChunkIndex | None = None) -> list[int]:
         """Start disk ``index`` from ``base`` (an earlier point's index of the same disk) or from zeros.
         Returns the slots whose base chunk the repository has lost: the caller must ``put`` them."""
         self._check_open()
         if index != len(self._disks):
             raise RepositoryError(f"disks are added in order: expected disk {len(self._disks)}, got {index}")
-        geometry = manifest.check_geometry(index, geometry)
-        count = manifest.chunk_count(geometry["virtual_size"], self.repo.chunk_size)
+        manifest.check_geometry(index, geometry)
+        count = manifest.chunk_count(geometry.virtual_size, self.repo.chunk_size)
         if base is None:
             base = ChunkIndex.empty(count)
         elif base.count != count:
@@ -249,7 +250,7 @@ class Writer:
         disk = self._disks.get(disk_index)
         if disk is None:
             raise RepositoryError(f"no disk {disk_index} (add_disk first)")
-        size, chunk = disk.geometry["virtual_size"], self.repo.chunk_size
+        size, chunk = disk.geometry.virtual_size, self.repo.chunk_size
         if offset % chunk or not 0 <= offset < size:
             raise RepositoryError(f"offset {offset} is not a chunk boundary inside disk {disk_index}")
         return disk, offset // chunk, min(chunk, size - offset)
@@ -314,16 +315,16 @@ class Writer:
         # Sortable by time, so listing points in name order lists them oldest first.
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
         point_id = f"{stamp}.{int(now % 1 * 1e6):06d}Z-{secrets.token_hex(4)}"
-        doc = {"point_id": point_id, "repository_id": self.repo.id, "chunk_size": self.repo.chunk_size,
-               **fields, "ended": fields["ended"] or now, "bytes_read": self.bytes_read,
-               "bytes_stored": self.bytes_stored,
-               "disks": [{"index": i, "geometry": d.geometry, "chunks": d.base.overwritten(d.changes)}
-                         for i, d in sorted(self._disks.items())]}
+        fields["ended"] = fields["ended"] or now
+        point = manifest.Manifest(
+            point_id, self.repo.id, self.repo.chunk_size, **fields, bytes_read=self.bytes_read,
+            bytes_stored=self.bytes_stored,
+            disks=[manifest.Disk(i, d.geometry, d.base.overwritten(d.changes)) for i, d in sorted(self._disks.items())])
         try:
             # The chunks' directory entries become durable before the manifest that references them exists.
             self._session.sync_chunks()
             envelope.write_durable(self.repo._sub("tmp"), self.repo._sub("points", point_id),
-                                   manifest.encode(doc, self.repo._keys))
+                                   manifest.encode(point, self.repo._keys))
             sync_directory(self.repo._sub("points"))
         except OSError as exc:
             raise RepositoryError(f"cannot commit the restore point: {exc.strerror}: "

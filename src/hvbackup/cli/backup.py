@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from enum import Enum
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
@@ -35,6 +35,9 @@ from hvbackup.cli.output import (
 )
 from hvbackup.cli.repo import open_repo
 from hvbackup.errors import HvBackupError, RepositoryError
+
+if TYPE_CHECKING:
+    from hvbackup.backup.manifest import Manifest
 
 
 class Method(str, Enum):
@@ -114,11 +117,11 @@ def backup(
     raise typer.Exit(EXIT_FAILED if any(isinstance(o, BackupError) for o in report) else EXIT_OK)
 
 
-def _matches(point: dict, vm: Optional[str]) -> bool:
-    return vm is None or point.get("vm_name") == vm or (point.get("vm_id") or "").lower() == vm.lower()
+def _matches(point: Manifest, vm: Optional[str]) -> bool:
+    return vm is None or point.vm_name == vm or (point.vm_id or "").lower() == vm.lower()
 
 
-def _require_vm(points: list[dict], vm: Optional[str]) -> list[dict]:
+def _require_vm(points: list[Manifest], vm: Optional[str]) -> list[Manifest]:
     """The points of ``vm``; naming a VM the repository has no point of is an error, not an empty list."""
     found = [p for p in points if _matches(p, vm)]
     if vm is not None and not found:
@@ -134,12 +137,12 @@ def points(repo_path: Optional[str] = REPO, vm: Optional[str] = VM_FILTER, json:
     scan = open_repo(repo_path).scan()
     found = _require_vm(scan.points, vm)
     if json:
-        emit_json([{**p, "damaged": None} for p in found] + [d.to_dict() for d in scan.damaged])
+        emit_json([{**p.to_dict(), "damaged": None} for p in found] + [d.to_dict() for d in scan.damaged])
         return
     # The ID, which restore takes, is the commit time (UTC): no separate time column.
     table(["ID (UTC time)", "VM", "kind", "method", "read", "stored"],
-          [[p["point_id"], p.get("vm_name") or "-", p.get("kind") or "-", p.get("method") or "-",
-            human_size(p["bytes_read"]), human_size(p["bytes_stored"])] for p in found]
+          [[p.point_id, p.vm_name or "-", p.kind or "-", p.method or "-",
+            human_size(p.bytes_read), human_size(p.bytes_stored)] for p in found]
           + [[d.name, "?", "DAMAGED", "-", "-", "-"] for d in scan.damaged])
     for d in scan.damaged:
         warn(f"damaged: points/{d.name}: {d.problem} (hvbackup forget {d.name}, or verify --repair)")
@@ -289,9 +292,9 @@ def forget(
         if point_ids:
             keep, drop = [], [{"point_id": p, "vm_name": "-", "time": None} for p in dict.fromkeys(point_ids)]
             for entry in drop:
-                found = next((p for p in scan.points if p["point_id"] == entry["point_id"]), None)
+                found = next((p for p in scan.points if p.point_id == entry["point_id"]), None)
                 if found:
-                    entry.update(vm_name=found.get("vm_name"), time=retention.point_time(found))
+                    entry.update(vm_name=found.vm_name, time=retention.point_time(found))
                 elif not any(d.name == entry["point_id"] for d in scan.damaged):
                     what = ("restore point" if manifest.POINT_ID.fullmatch(entry["point_id"])
                             else "point ID or entry of points/")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from hvbackup.disks.device import BlockDevice, Extent, ExtentState
+from hvbackup.backup.geometry import Geometry
+from hvbackup.disks.device import Extent, ExtentState
 from hvbackup.host.model import Checkpoint, ReferencePoint
 from hvbackup.host.vm import Vm
 
@@ -33,27 +33,6 @@ RESIZED = "resized"                          # the disk's size differs from the 
 TRACKING_LOST = "tracking-lost"              # change tracking off, reset or unable to answer
 CHANGED_OFFLINE = "changed-offline"          # the disk was written without tracking (ERROR_CTLOG_VHD_CHANGED_OFFLINE)
 BASE_CHUNKS_LOST = "base-chunks-lost"        # a differential export cannot patch chunks the repository lost
-
-
-@dataclass(frozen=True)
-class Geometry:
-    virtual_size: int
-    block_size: int
-    logical_sector_size: int
-    physical_sector_size: int
-
-    @classmethod
-    def of(cls, device: BlockDevice) -> Geometry:
-        return cls(device.size, device.block_size, device.logical_sector_size, device.physical_sector_size)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Geometry:
-        """From a manifest's ``geometry``."""
-        return cls(data["virtual_size"], data["block_size"], data["logical_sector_size"], data["physical_sector_size"])
-
-    def to_dict(self) -> dict:
-        """As a manifest keeps it."""
-        return dict(self.__dict__)
 
 
 class Reader(Protocol):

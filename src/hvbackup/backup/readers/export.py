@@ -17,7 +17,8 @@ import threading
 
 from hvbackup import disks, durable
 from hvbackup.backup import readers
-from hvbackup.backup.readers import Geometry, Range, close_all, data_ranges
+from hvbackup.backup.geometry import Geometry
+from hvbackup.backup.readers import Range, close_all, data_ranges
 from hvbackup.disks.device import BlockDevice
 from hvbackup.errors import HostError, NeedsFull
 from hvbackup.host.model import Checkpoint, ExportSettings, ReferencePoint

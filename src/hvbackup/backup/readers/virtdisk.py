@@ -7,12 +7,12 @@ from __future__ import annotations
 import threading
 
 from hvbackup import virtdisk
+from hvbackup.backup.geometry import Geometry
 from hvbackup.backup.readers import (
     CHANGED_OFFLINE,
     NEW_DISK,
     NO_BASE,
     TRACKING_LOST,
-    Geometry,
     Range,
     close_all,
     data_ranges,
