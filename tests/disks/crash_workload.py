@@ -86,10 +86,11 @@ def _install_counter() -> None:
     atexit.register(lambda: sys.stdout.write(f"writes {counter['n']}\n"))
 
 
-def run(path: str, seed: int, ackfile: str) -> None:
+def run(path: str, seed: int, acknowledge) -> None:
+    """The operations of ``seed`` on the disk; ``acknowledge(index)`` after each ``flush()`` returns
+    (and ``acknowledge(OPS)`` after the close): writes up to there must survive."""
     from hvbackup import disks
 
-    ack = os.open(ackfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     disk = disks.open(path)
     print("ready", flush=True)
     for index, op in enumerate(operations(seed)):
@@ -100,14 +101,22 @@ def run(path: str, seed: int, ackfile: str) -> None:
             disk.trim(op[1] * SECTOR, op[2] * SECTOR)
         elif op[0] == "flush":
             disk.flush()
-            os.write(ack, struct.pack("<I", index))
-            os.fsync(ack)
+            acknowledge(index)
         else:
             disk.close()
             disk = disks.open(path)
     disk.close()
-    os.write(ack, struct.pack("<I", OPS))
-    os.fsync(ack)
+    acknowledge(OPS)
+
+
+def ack_file(ackfile: str):
+    """An ``acknowledge`` that appends the index to ACKFILE and fsyncs it."""
+    ack = os.open(ackfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def acknowledge(index: int) -> None:
+        os.write(ack, struct.pack("<I", index))
+        os.fsync(ack)
+    return acknowledge
 
 
 if __name__ == "__main__":
@@ -116,4 +125,4 @@ if __name__ == "__main__":
         _install_stop(int(args[args.index("--stop-at-write") + 1]), "--torn" in args)
     if "--count-writes" in args:
         _install_counter()
-    run(args[0], int(args[1]), args[2])
+    run(args[0], int(args[1]), ack_file(args[2]))

@@ -30,7 +30,7 @@ BASE_ID = 7
 KINDS = ["dynamic", "fixed", "differencing"]
 
 
-def _prepare(tmp: Path, kind: str) -> str:
+def prepare(tmp: Path, kind: str) -> str:
     path = tmp / "disk.vhdx"
     if kind == "differencing":
         with disks.create(tmp / "base.vhdx", workload.DISK_SIZE, block_size=1 << 20) as base:
@@ -58,8 +58,14 @@ def _acknowledged(ack: str) -> int:
 
 
 def _verify(path: str, kind: str, seed: int, ack: str) -> None:
+    verify(path, kind, seed, _acknowledged(ack))
+
+
+def verify(path: str, kind: str, seed: int, acked: int) -> None:
+    """The disk opens (replaying its log), reads every write acknowledged through operation
+    ``acked`` and, where a later write or trim may have landed, that one or nothing newer; check and
+    qemu-img agree it is sound."""
     ops = workload.operations(seed)
-    acked = _acknowledged(ack)
     expected = _initial(kind)
     for op in ops[: acked + 1]:
         if op[0] == "write":
@@ -101,7 +107,7 @@ def test_sigkill_at_random_moments(tmp_path, kind, sample):
     for run in range(sample(8, 60)):
         case = tmp_path / f"run{run}"
         case.mkdir()
-        path = _prepare(case, kind)
+        path = prepare(case, kind)
         seed, ack = rng.randrange(1 << 30), str(case / "ack")
         Workload(*_command(path, seed, ack)[1:]).kill_after(rng.uniform(0, 0.3))  # it runs ~0.25 s after "ready"
         _verify(path, kind, seed, ack)
@@ -109,7 +115,7 @@ def test_sigkill_at_random_moments(tmp_path, kind, sample):
 
 
 def _count_writes(tmp: Path, kind: str, seed: int) -> int:
-    path = _prepare(tmp, kind)
+    path = prepare(tmp, kind)
     out = subprocess.run(_command(path, seed, str(tmp / "ack"), "--count-writes"),
                          capture_output=True, text=True, check=True).stdout
     return int(out.split("writes ")[1])
@@ -125,7 +131,7 @@ def test_stop_at_chosen_writes(tmp_path, kind, sample, full):
         for torn in (False, True) if full else (n % 2 == 0,):
             case = tmp_path / f"stop{n}{'t' if torn else ''}"
             case.mkdir()
-            path = _prepare(case, kind)
+            path = prepare(case, kind)
             extra = ["--stop-at-write", str(n)] + (["--torn"] if torn else [])
             result = subprocess.run(_command(path, seed, str(case / "ack"), *extra), capture_output=True, text=True)
             assert result.returncode == 99, result.stderr
