@@ -24,6 +24,7 @@ import contextlib
 import os
 import random
 import stat
+import sys
 from dataclasses import dataclass, field
 
 from hvbackup.disks import fileio
@@ -43,6 +44,7 @@ class Op:
     dirs: tuple = ()          # name ops: the directories changed
     args: tuple = ()          # name ops: what to do to them
     label: object = None      # mark
+    site: str = ""            # syncs: where in hvbackup they were asked for (module:function)
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Recorder:
         real(fd)
         if fd in self._fds:
             ident, is_dir = self._fds[fd]
-            self.ops.append(Op("dirsync" if is_dir else "sync", file=ident))
+            self.ops.append(Op("dirsync" if is_dir else "sync", file=ident, site=_caller()))
 
     def _fsync(self, fd):
         self._sync(fd, self._real["fsync"])
@@ -237,6 +239,17 @@ class Recorder:
 
     # -- what a power cut leaves ---------------------------------------------------------------
 
+    def without_syncs_from(self, site: str) -> "Recorder":
+        """This recording as if the syncs asked for at ``site`` had not been made: the mutation that
+        shows a power-loss test depends on them."""
+        mutated = object.__new__(Recorder)
+        mutated.__dict__.update(self.__dict__)
+        mutated.ops = [op for op in self.ops if op.site != site]
+        return mutated
+
+    def sync_sites(self) -> set[str]:
+        return {op.site for op in self.ops if op.kind in ("sync", "dirsync")}
+
     def sync_points(self) -> list[int]:
         """The power-cut points right after each fsync, fdatasync, directory fsync and mark."""
         return [n for n, op in enumerate(self.ops, 1) if op.kind in ("sync", "dirsync", "mark")]
@@ -281,6 +294,19 @@ class Recorder:
         for _, op in names[:kept]:
             _apply_name(entries, op)
         _materialize(entries, contents, self.base.root, target)
+
+
+def _caller() -> str:
+    """The hvbackup function that asked for a sync: the first frame in hvbackup outside the
+    positional I/O helpers (``disks/fileio.py``), so each design site is told apart."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if f"{os.sep}hvbackup{os.sep}" in name and not name.endswith(os.path.join("disks", "fileio.py")):
+            module = name.rsplit(f"{os.sep}hvbackup{os.sep}", 1)[1].removesuffix(".py").replace(os.sep, ".")
+            return f"{module}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
 
 
 def _apply_write(data: bytearray, offset: int, payload: bytes, rng: random.Random | None) -> None:

@@ -25,12 +25,12 @@ DISK_SIZE = 24 << 20
 OPS = 250
 
 
-def operations(seed: int) -> list[tuple]:
+def operations(seed: int, count: int = OPS) -> list[tuple]:
     """('write', first sector, sectors, id) | ('trim', first sector, sectors) | ('flush',) | ('reopen',)"""
     rng = random.Random(seed)
     sectors = DISK_SIZE // SECTOR
     ops: list[tuple] = []
-    for i in range(OPS):
+    for i in range(count):
         roll = rng.random()
         if roll < 0.70:
             count = rng.choice([1, 8, 64, rng.randint(1, 1200), 2048, 4096])
@@ -86,14 +86,14 @@ def _install_counter() -> None:
     atexit.register(lambda: sys.stdout.write(f"writes {counter['n']}\n"))
 
 
-def run(path: str, seed: int, acknowledge) -> None:
-    """The operations of ``seed`` on the disk; ``acknowledge(index)`` after each ``flush()`` returns
-    (and ``acknowledge(OPS)`` after the close): writes up to there must survive."""
+def run(path: str, seed: int, acknowledge, count: int = OPS) -> None:
+    """The ``count`` operations of ``seed`` on the disk; ``acknowledge(index)`` after each ``flush()``
+    returns (and ``acknowledge(count)`` after the close): writes up to there must survive."""
     from hvbackup import disks
 
     disk = disks.open(path)
     print("ready", flush=True)
-    for index, op in enumerate(operations(seed)):
+    for index, op in enumerate(operations(seed, count)):
         if op[0] == "write":
             _, first, count, write_id = op
             disk.write(first * SECTOR, tagged(write_id, first, count))
@@ -106,7 +106,7 @@ def run(path: str, seed: int, acknowledge) -> None:
             disk.close()
             disk = disks.open(path)
     disk.close()
-    acknowledge(OPS)
+    acknowledge(count)
 
 
 def ack_file(ackfile: str):

@@ -61,11 +61,11 @@ def _verify(path: str, kind: str, seed: int, ack: str) -> None:
     verify(path, kind, seed, _acknowledged(ack))
 
 
-def verify(path: str, kind: str, seed: int, acked: int) -> None:
+def verify(path: str, kind: str, seed: int, acked: int, count: int = workload.OPS) -> None:
     """The disk opens (replaying its log), reads every write acknowledged through operation
     ``acked`` and, where a later write or trim may have landed, that one or nothing newer; check and
     qemu-img agree it is sound."""
-    ops = workload.operations(seed)
+    ops = workload.operations(seed, count)
     expected = _initial(kind)
     for op in ops[: acked + 1]:
         if op[0] == "write":
