@@ -11,8 +11,9 @@ could leave, in a fresh directory:
 - file data: a write, truncate or fallocate followed by an fsync/fdatasync of its file is there;
   any other survives or not, independently and in any order, and a surviving write may be torn:
   only some of its 512-byte or 4 KiB sectors (aligned in the file) made it;
-- names: the file system journals creates, renames, links and unlinks in order, so some prefix of
-  them survives — at least every one followed by an fsync of each directory it changed.
+- names: a create, rename, link or unlink followed by an fsync of the directory it put the name in
+  (for a rename, the destination's) is there; any other survives or is undone, independently of
+  the others — what POSIX promises, stricter than a journaling file system that commits them in order.
 
 Files are identified by their own identity (a new one at each create), not by name, so a rename
 moves data and a name can be reused. See docs/testing.md, "Power loss".
@@ -23,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import stat
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from hvbackup.disks import fileio
@@ -32,6 +35,7 @@ from hvbackup.disks import fileio
 SECTORS = (512, 4096)
 DATA_OPS = ("write", "truncate", "zero", "extend")
 NAME_OPS = ("create", "mkdir", "rename", "link", "unlink", "rmdir")
+HELPERS = (os.path.join("disks", "fileio.py"), os.path.join("hvbackup", "durable.py"))
 
 
 @dataclass
@@ -60,15 +64,17 @@ class Recorder:
         self.ops: list[Op] = []
         self._ids: dict[tuple[int, int], int] = {}
         self._last_id = 0
+        self._lock = threading.Lock()
         self._fds: dict[int, tuple[int, bool]] = {}  # fd -> (identity, is a directory)
         self.base = self._snapshot()
 
     # -- identities --------------------------------------------------------------------------
 
     def _new_id(self, st: os.stat_result) -> int:
-        self._last_id += 1
-        self._ids[(st.st_dev, st.st_ino)] = self._last_id
-        return self._last_id
+        with self._lock:  # workloads write from several threads (the repository's sync threads)
+            self._last_id += 1
+            self._ids[(st.st_dev, st.st_ino)] = self._last_id
+            return self._last_id
 
     def _id_of(self, path: str, *, follow: bool = False) -> int:
         st = self._real["stat"](path) if follow else self._real["lstat"](path)
@@ -258,8 +264,10 @@ class Recorder:
         """The label of the last mark among the first ``n`` operations (None: none)."""
         return next((op.label for op in reversed(self.ops[:n]) if op.kind == "mark"), None)
 
-    def state_at(self, n: int, rng: random.Random, target: str) -> None:
-        """Write into the new directory ``target`` one state a power cut after operation ``n`` may leave."""
+    def state_at(self, n: int, rng: random.Random, target: str, *, harshest: bool = False) -> None:
+        """Write into the new directory ``target`` one state a power cut after operation ``n`` may leave;
+        ``harshest``: the one where of everything not yet durable only operation ``n`` itself made
+        it (what shows a missing sync before it at once)."""
         ops = self.ops[:n]
         contents = {ident: bytearray(data) for ident, data in self.base.contents.items()}
         last_sync: dict[int, int] = {}
@@ -273,11 +281,11 @@ class Recorder:
             if op.kind not in DATA_OPS:
                 continue
             durable = last_sync.get(op.file, -1) > i
-            if not durable and rng.random() < 0.5:
+            if not durable and (i != n - 1 if harshest else rng.random() < 0.5):
                 continue  # lost
             data = contents.setdefault(op.file, bytearray())
             if op.kind == "write":
-                _apply_write(data, op.offset, op.data, None if durable else rng)
+                _apply_write(data, op.offset, op.data, None if durable or harshest else rng)
             elif op.kind == "truncate":
                 del data[op.size:]
                 data.extend(bytes(op.size - len(data)))
@@ -287,22 +295,42 @@ class Recorder:
             elif op.kind == "extend" and len(data) < op.size:
                 data.extend(bytes(op.size - len(data)))
         names = [(i, op) for i, op in enumerate(ops) if op.kind in NAME_OPS]
-        forced = max((k for k, (i, op) in enumerate(names)
-                      if all(last_dirsync.get(d, -1) > i for d in op.dirs)), default=-1)
-        kept = rng.randint(forced + 1, len(names))
+        # A name change is durable once the directory it put a name in (or took one from) is synced,
+        # for a rename the destination; any other may be undone, whatever came after it.
         entries = {d: dict(e) for d, e in self.base.entries.items()}
-        for _, op in names[:kept]:
-            _apply_name(entries, op)
+        for i, op in names:
+            if last_dirsync.get(op.dirs[-1], -1) > i or (i == n - 1 if harshest else rng.random() < 0.5):
+                _apply_name(entries, op)
         _materialize(entries, contents, self.base.root, target)
 
 
+def mutation_shows(recorder: Recorder, site: str, cuts: list[int], check, work: str, seed=0) -> bool:
+    """Whether, without the syncs asked for at ``site``, a power cut at one of ``cuts`` (tried in a
+    seeded order, the harshest state and a random one each) leaves a state that
+    ``check(directory, n, recording)`` rejects by raising."""
+    mutated = recorder.without_syncs_from(site)
+    rng = random.Random(f"{site}-{seed}")
+    cuts = [n for n in cuts if n <= len(mutated.ops)]
+    rng.shuffle(cuts)
+    for case, n in enumerate(cuts):
+        for harshest in (True, False):
+            target = os.path.join(work, f"mutated{case}{'h' if harshest else ''}")
+            mutated.state_at(n, rng, target, harshest=harshest)
+            try:
+                check(target, n, mutated)
+            except Exception:  # noqa: BLE001 - any failure of the invariants is what is looked for
+                return True
+            shutil.rmtree(target)
+    return False
+
+
 def _caller() -> str:
-    """The hvbackup function that asked for a sync: the first frame in hvbackup outside the
-    positional I/O helpers (``disks/fileio.py``), so each design site is told apart."""
+    """The hvbackup function that asked for a sync: the first frame in hvbackup outside the shared
+    I/O helpers (``disks/fileio.py``, ``durable.py``), so each design site is told apart."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if f"{os.sep}hvbackup{os.sep}" in name and not name.endswith(os.path.join("disks", "fileio.py")):
+        if f"{os.sep}hvbackup{os.sep}" in name and not name.endswith(HELPERS):
             module = name.rsplit(f"{os.sep}hvbackup{os.sep}", 1)[1].removesuffix(".py").replace(os.sep, ".")
             return f"{module}:{frame.f_code.co_name}"
         frame = frame.f_back

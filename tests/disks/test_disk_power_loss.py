@@ -11,7 +11,7 @@ import shutil
 
 import crash_workload as workload
 import pytest
-from powerloss import Recorder
+from powerloss import Recorder, mutation_shows
 from test_crash import KINDS, prepare, verify
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,9 @@ def test_power_cut_during_disk_writes(tmp_path, kind, sample):
 
 # The fsyncs the disk engine's design relies on, by the function that asks for them (docs/disks.md,
 # "What is written when"): a metadata commit flushes payload data and then its log entry before
-# anything points at them; the applied pages are flushed before the log may be reused or marked
-# empty; a flush() makes acknowledged writes durable. (The header's own flushes order the write
-# GUIDs before data changes: what change tracking relies on, checked by its power-loss workload.)
-RELIED_ON = ["disks.vhdx.journal:commit", "disks.vhdx.journal:_apply", "disks.vhdx.disk:flush"]
+# anything points at them; a flush() makes acknowledged writes durable. (docs/testing.md, "Power
+# loss", says what the two other sites, journal:_apply and header:update, still need shown.)
+RELIED_ON = ["disks.vhdx.journal:commit", "disks.vhdx.disk:flush"]
 
 
 @pytest.mark.parametrize("site", RELIED_ON)
@@ -57,20 +56,11 @@ def test_each_fsync_the_design_relies_on_is_needed(tmp_path, site):
     with recorder.recording():
         workload.run(path, 9000, recorder.mark)
     assert site in recorder.sync_sites()
-    mutated = recorder.without_syncs_from(site)
-    rng = random.Random(site)
-    # A missing sync shows when a write after it lands and one before it does not: cut after writes.
-    cuts = [n for n, op in enumerate(mutated.ops, 1) if op.kind == "write"]
-    rng.shuffle(cuts)
-    for case, n in enumerate(cuts):
-        target = tmp_path / f"cut{case}"
-        mutated.state_at(n, rng, str(target))
+
+    def check(directory: str, n: int, mutated: Recorder) -> None:
         acked = mutated.acknowledged(n)
-        try:
-            verify(str(target / "disk.vhdx"), "dynamic", 9000, -1 if acked is None else acked)
-        except AssertionError:
-            return
-        except Exception:  # a disk that no longer opens fails as surely
-            return
-        shutil.rmtree(target)
-    pytest.fail(f"without the fsyncs at {site}, a state cut after each of the {len(cuts)} writes verified")
+        verify(f"{directory}/disk.vhdx", "dynamic", 9000, -1 if acked is None else acked)
+
+    # A missing sync shows when a write after it lands and one before it does not: cut after writes.
+    after_writes = [n for n, op in enumerate(recorder.ops, 1) if op.kind == "write"]
+    assert mutation_shows(recorder, site, after_writes, check, str(tmp_path)), f"without {site}'s fsyncs all verify"
