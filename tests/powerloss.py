@@ -223,11 +223,17 @@ class Recorder:
             self.ops.append(Op("link", dirs=(directory,), args=(directory, name, ident)))
 
     def _unlink(self, path, *, dir_fd=None):
+        self._remove("unlink", path, dir_fd)
+
+    def _rmdir(self, path, *, dir_fd=None):
+        self._remove("rmdir", path, dir_fd)
+
+    def _remove(self, kind: str, path, dir_fd) -> None:
         inside = dir_fd is None and self._inside(path)
         where = self._where(path) if inside else None
-        self._real["unlink"](path, dir_fd=dir_fd)
+        self._real[kind](path, dir_fd=dir_fd)
         if inside:
-            self.ops.append(Op("unlink", dirs=(where[0],), args=where))
+            self.ops.append(Op(kind, dirs=(where[0],), args=where))
 
     def _mkdir(self, path, mode=0o777, *, dir_fd=None):
         self._real["mkdir"](path, mode, dir_fd=dir_fd)
@@ -235,13 +241,6 @@ class Recorder:
             ident = self._new_id(os.stat(path))
             directory, name = self._where(path)
             self.ops.append(Op("mkdir", dirs=(directory,), args=(directory, name, ident)))
-
-    def _rmdir(self, path, *, dir_fd=None):
-        inside = dir_fd is None and self._inside(path)
-        where = self._where(path) if inside else None
-        self._real["rmdir"](path, dir_fd=dir_fd)
-        if inside:
-            self.ops.append(Op("rmdir", dirs=(where[0],), args=where))
 
     # -- what a power cut leaves ---------------------------------------------------------------
 

@@ -79,13 +79,7 @@ class Staged:
                 os.close(self.fd)
             if before_rename is not None:
                 before_rename()
-            if replace:
-                os.rename(self.path, target)
-            else:
-                os.link(self.path, target)
-                os.unlink(self.path)
-            if sync_dir:
-                sync_directory(os.path.dirname(os.path.abspath(target)))
+            _put_in_place(self.path, target, replace=replace, sync_dir=sync_dir)
         except BaseException:
             _unlink_quietly(self.path)
             raise
@@ -125,15 +119,22 @@ def built_in_place(target: str, purpose: str = PARTIAL, *, replace: bool = True)
             os.fsync(fd)
         finally:
             os.close(fd)
-        if replace:
-            os.rename(temp, target)
-        else:
-            os.link(temp, target)
-            os.unlink(temp)
-        sync_directory(os.path.dirname(os.path.abspath(target)))
+        _put_in_place(temp, target, replace=replace, sync_dir=True)
     except BaseException:
         _unlink_quietly(temp)
         raise
+
+
+def _put_in_place(staged: str, target: str, *, replace: bool, sync_dir: bool) -> None:
+    """Rename the (fsynced) staged file over ``target``, or link it there refusing an existing file
+    (``FileExistsError``); then fsync the directory unless the caller does it for many files at once."""
+    if replace:
+        os.rename(staged, target)
+    else:
+        os.link(staged, target)
+        os.unlink(staged)
+    if sync_dir:
+        sync_directory(os.path.dirname(os.path.abspath(target)))
 
 
 def sweep(directory: str, name: str, *, keep: Sequence[str] = ()) -> list[str]:
